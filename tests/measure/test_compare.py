@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from ciuic_lab import apply, baseline, evaluate_plan, resolve, revert, safe_optimize
+from ciuic_lab.errors import SafetyError
+from ciuic_lab.measure import compare, evalset, fingerprint, kl_top1, snapshot
+
+
+def test_evalset_sizes():
+    std = evalset("standard")
+    assert len(std.prompts) == 8 and "def is_prime(n):" in std.prompts[0] + "".join(std.prompts)
+    assert len(evalset("tiny").prompts) == 1
+    with pytest.raises(Exception, match="accepted: standard, quick, tiny"):
+        evalset("huge")
+
+
+def test_identical_models_compare_to_zero(tiny):
+    m, tok, _ = tiny
+    a = snapshot(m, tok, "tiny", timing=False)
+    b = snapshot(m, tok, "tiny", timing=False)
+    kl, top1 = kl_top1(a, b)
+    assert kl == 0.0 and top1 == 1.0
+    rep = compare(a, b)
+    assert rep["first_divergence"] == [None] and rep["perplexity"]["change"] == 0.0
+
+
+def test_report_has_the_promised_keys(tiny):
+    m, tok, _ = tiny
+    plan, rep = evaluate_plan(m, tok, "int4-g128", "tiny", timing=True, keep=False)
+    for key in ("bits_per_weight", "weight_bytes", "kl", "top1_agreement", "perplexity", "latency_ms", "text",
+                "site_errors", "quantized_sites"):
+        assert key in rep, key
+    assert rep["weight_bytes"]["after"] < rep["weight_bytes"]["before"]
+    assert rep["quantized_sites"]["ratio_vs_bf16"] <= 0.30
+    assert rep["kl"] > 0 and 0 <= rep["top1_agreement"] <= 1
+    assert rep["latency_ms"]["decode"]["before"] > 0 and rep["latency_ms"]["prefill"]["after"] > 0
+    errs = rep["site_errors"]
+    assert len(errs) == len(plan.quantized())
+    assert all(0 < e["rel_error"] < 1 for e in errs.values())
+    assert errs["model.layers.0.self_attn.q_a_proj"]["basis"] == "output"
+
+
+def test_site_error_grows_as_bits_shrink(tiny):
+    m, tok, _ = tiny
+    base = baseline(m, tok, "tiny", timing=False)
+    errs = {}
+    for r in ("int8", "int4", "int2-g64"):
+        _, rep = evaluate_plan(m, tok, r, "tiny", timing=False, base=base, keep=False)
+        errs[r] = rep["site_errors"]["model.layers.1.mlp.experts.down_proj[0]"]["rel_error"]
+        assert rep["kl"] >= 0
+    assert errs["int8"] < errs["int4"] < errs["int2-g64"]
+
+
+def test_safe_optimize_accepts_and_refuses(tiny):
+    m, tok, _ = tiny
+    fp = fingerprint(m)
+    model, rep = safe_optimize(m, tok, "int8", max_kl=0.05, es="tiny", timing=False)
+    assert rep["safe"]["accepted"]
+    revert(m)
+    with pytest.raises(SafetyError, match="refused: KL") as e:
+        safe_optimize(m, tok, "int2-g64", max_kl=1e-6, es="tiny", timing=False)
+    assert e.value.report["safe"]["restored_bit_exact"] is True
+    assert fingerprint(m) == fp
