@@ -1,0 +1,110 @@
+"""Calibration for error-compensating quantizers: the input Hessian ``H = sum x x^T`` of each site.
+
+Inputs are the loaded model's (the sites' inputs with nothing quantized), on a small calibration text
+from the training corpus shipped with the package. For an expert, only the tokens routed to it count;
+for its down projection, the hidden activations are computed with the loaded weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import MutableMapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..plan import Plan
+from ..quant.gptq import gptq_quantize
+from ..sites import Site
+from ..transforms import revert, state_of
+from ..transforms.apply import site_weight, fold_sources, loaded_module
+
+CALIBRATION = Path(__file__).resolve().parents[1] / "measure" / "evalset" / "calibration.txt"
+
+
+def calibration_ids(tokenizer, tokens: int = 1024, window: int = 128) -> torch.Tensor:
+    ids = tokenizer(CALIBRATION.read_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n = min(tokens, ids.numel()) // window * window
+    return ids[:n].view(-1, window)
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, tokenizer, site_list: list[Site], tokens: int = 1024,
+                     window: int = 128) -> dict[str, torch.Tensor]:
+    """``{site: H [K, K] float64}`` for the given sites (linear and expert sites)."""
+    if state_of(model).plan is not None:
+        raise RuntimeError("collect_hessians needs the model as loaded; revert it first")
+    wanted: dict[str, list[Site]] = {}
+    for s in site_list:
+        if s.role in ("linear", "head", "expert") and len(s.shape) == 2:
+            wanted.setdefault(s.module, []).append(s)
+    hs: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        hs[name] = hs.get(name, 0) + x.T @ x
+
+    for owner, sl in wanted.items():
+        mod = model.get_submodule(owner)
+        if sl[0].role == "expert" and isinstance(getattr(mod, "gate_up_proj", None), torch.Tensor):
+            def bank_hook(m, args, kwargs, sl=sl):
+                allargs = list(args) + [kwargs[k] for k in ("top_k_index", "top_k_weights") if k in kwargs]
+                x, idx = allargs[0].reshape(-1, allargs[0].shape[-1]).float(), allargs[1].reshape(allargs[0].shape[0], -1)
+                for s in sl:
+                    rows = (idx == s.expert).any(-1)
+                    xe = x[rows]
+                    if xe.numel() == 0:
+                        continue
+                    if s.param == "gate_up_proj":
+                        add(s.name, xe)
+                    else:
+                        g, u = F.linear(xe, m.gate_up_proj[s.expert].float()).chunk(2, dim=-1)
+                        add(s.name, m.act_fn(g) * u)
+            handles.append(mod.register_forward_pre_hook(bank_hook, with_kwargs=True))
+        else:
+            def lin_hook(m, args, name=sl[0].name):
+                add(name, args[0].float())
+            handles.append(mod.register_forward_pre_hook(lin_hook))
+    try:
+        for row in calibration_ids(tokenizer, tokens, window):
+            model(input_ids=row[None].to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return hs
+
+
+def prepare_gptq(model: nn.Module, tokenizer, plan: Plan, cache: MutableMapping, tokens: int = 1024,
+                 progress=None) -> int:
+    """Quantize every ``method: gptq`` site of ``plan`` and put it in ``cache`` for :func:`apply`.
+
+    Returns the number of sites prepared. The model is reverted first if a plan is applied (the
+    Hessians are the loaded model's); apply the plan again afterwards.
+    """
+    gsites = [plan.sites[n] for n, c in plan.configs.items() if c.spec.method == "gptq" and not c.keep]
+    todo = [s for s in gsites if (s.name, plan.configs[s.name].spec, False) not in cache
+            and (s.name, plan.configs[s.name].spec, True) not in cache]
+    if not todo:
+        return 0
+    if state_of(model).plan is not None:
+        revert(model)
+    hs = collect_hessians(model, tokenizer, todo, tokens)
+    folds, _ = fold_sources(model, plan)
+    st = state_of(model)
+    for i, s in enumerate(todo):
+        spec = plan.configs[s.name].spec
+        fold = folds.get(s.name)
+        w = site_weight(model, st, s, fold)
+        h = hs.get(s.name)
+        if h is None:  # no calibration token reached it (an unused expert): identity Hessian = RTN-like
+            h = torch.eye(s.k, dtype=torch.float64)
+        elif fold:  # the folded weight multiplies x / gamma
+            g = loaded_module(model, st, fold).weight.detach().to(torch.float64)
+            inv = torch.where(g != 0, 1.0 / g, torch.zeros_like(g))
+            h = h * inv[:, None] * inv[None, :]
+        cache[(s.name, spec, bool(fold))] = gptq_quantize(w, h, spec)
+        if progress:
+            progress(i + 1, len(todo))
+    return len(todo)

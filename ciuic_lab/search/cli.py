@@ -1,0 +1,117 @@
+"""``ciuic-lab sensitivity`` and ``ciuic-lab autoplan``."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from typing import Any
+
+from ..errors import CiuicError
+from ..models import load
+from ..quant import QuantSpec
+from ..sites import sites as list_sites
+from .allocate import allocate, kernel_latency, uniform, verify
+from .sensitivity import label, parse_formats, sensitivity
+
+DEFAULT_FORMATS = "int2-g64-mse,int3-g128-mse,int4-g128-mse,int8-channel-sym"
+
+
+def add_parsers(sub, common) -> None:
+    p = sub.add_parser("sensitivity", help="KL of quantizing each site (or block, kind, expert) alone")
+    common(p)
+    p.add_argument("--bits", default="2,3,4,8", help="bits (2,3,4,8) or format labels (int4-g128,int3-g64-mse,...)")
+    p.add_argument("--group", default="128", help="group size for bit-only formats (or channel)")
+    p.add_argument("--clip", default="minmax", choices=["minmax", "mse"])
+    p.add_argument("--unit", default="site", choices=["site", "block", "kind", "expert"])
+    p.add_argument("--evalset", default="quick")
+    p.set_defaults(func=run_sensitivity)
+
+    p = sub.add_parser("autoplan", help="choose a format per site under a budget, then verify by measuring")
+    common(p)
+    b = p.add_mutually_exclusive_group(required=True)
+    b.add_argument("--target-bpw", type=float, help="bits per weight over the quantizable sites")
+    b.add_argument("--max-bytes", type=int, help="bytes of the quantizable sites")
+    b.add_argument("--max-latency-ms", type=float, help="decode ms per token on this machine's kernels")
+    p.add_argument("--formats", default=DEFAULT_FORMATS, help="candidate formats")
+    p.add_argument("--unit", default="site", choices=["site", "block", "kind", "expert"])
+    p.add_argument("--evalset", default="quick", help="evaluation set for the sensitivity scan")
+    p.add_argument("--verify-evalset", default="standard", help="evaluation set for the verification")
+    p.add_argument("--compare", default="", help="uniform formats to verify beside the auto plan (labels)")
+    p.add_argument("--out", default=None, help="write the chosen recipe to this JSON file")
+    p.set_defaults(func=run_autoplan)
+
+
+def _progress(label_: str):
+    last = [0.0]
+
+    def cb(i: int, n: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] > 2 or i == n:
+            print(f"\r{label_}: {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+            last[0] = now
+    return cb
+
+
+def _load(args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load(args.model, dtype=args.dtype)
+
+
+def run_sensitivity(args) -> dict[str, Any]:
+    group: int | str = int(args.group) if args.group.isdigit() else args.group
+    formats = parse_formats(args.bits, group=group, clip=args.clip)
+    loaded = _load(args)
+    site_list = list_sites(loaded.model)
+    table = sensitivity(loaded.model, loaded.tokenizer, site_list, formats, args.unit, args.evalset,
+                        progress=None if args.json else _progress("sensitivity"))
+    out = table.to_dict()
+    out["model"] = loaded.name
+    if not args.json:
+        labels = [label(f) for f in formats]
+        print(f"{'unit':<48} " + " ".join(f"{x:>16}" for x in labels))
+        for r in out["rows"]:
+            print(f"{r['unit']:<48} " + " ".join(f"{r['kl'].get(x, float('nan')):>16.5f}" for x in labels))
+        print(f"{out['evaluations']} evaluations in {out['seconds']:.1f} s")
+    return out
+
+
+def run_autoplan(args) -> dict[str, Any]:
+    formats = parse_formats(args.formats)
+    loaded = _load(args)
+    model, tok = loaded.model, loaded.tokenizer
+    site_list = list_sites(model)
+    t0 = time.perf_counter()
+    table = sensitivity(model, tok, site_list, formats, args.unit, args.evalset,
+                        progress=None if args.json else _progress("sensitivity"))
+    lat = base_ms = None
+    if args.max_latency_ms is not None:
+        from ..measure import snapshot
+
+        lat = kernel_latency(site_list, formats)
+        base_ms = snapshot(model, tok, "quick", timing=True).decode_ms
+    plan, info = allocate(site_list, table, target_bpw=args.target_bpw, max_bytes=args.max_bytes,
+                          max_latency_ms=args.max_latency_ms, latency=lat, base_latency_ms=base_ms)
+    plans = {"auto": plan}
+    for lab in [x for x in args.compare.split(",") if x]:
+        spec: QuantSpec = parse_formats(lab)[0]
+        plans[label(spec)] = uniform(site_list, spec)
+    measured = verify(model, tok, plans, es=args.verify_evalset, timing=args.max_latency_ms is not None,
+                      progress=None if args.json else _progress("verify"))
+    if args.out:
+        plan.recipe.save(args.out)
+    out = {"model": loaded.name, "budget": {"target_bpw": args.target_bpw, "max_bytes": args.max_bytes,
+                                            "max_latency_ms": args.max_latency_ms},
+           "solver": info, "measured": measured, "recipe": plan.recipe.to_dict(),
+           "sensitivity_seconds": table.seconds, "seconds": time.perf_counter() - t0}
+    if measured["auto"]["bits_per_weight"] is None:
+        raise CiuicError("the chosen plan quantizes nothing")
+    if not args.json:
+        print(f"auto plan: predicted KL {info['predicted_kl']:.4f}, formats {info['formats']}")
+        for name, m in measured.items():
+            print(f"  {name:<22} bpw {m['bits_per_weight']:.3f}  KL {m['kl']:.4f}  top-1 {m['top1_agreement']:.3f}  "
+                  f"ppl {m['perplexity']:.3f}")
+        if args.out:
+            print(f"recipe written to {args.out}")
+    return out

@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import torch
+
+from ciuic_lab import resolve
+from ciuic_lab.errors import CiuicError
+from ciuic_lab.quant import QuantSpec, dequantize, quantize
+from ciuic_lab.quant.gptq import gptq_quantize
+from ciuic_lab.search import allocate, attribution, label, parse_formats, prepare_gptq, sensitivity
+from ciuic_lab.search.sensitivity import SensitivityTable
+
+
+def test_parse_formats():
+    fs = parse_formats("2,4,8")
+    assert [label(f) for f in fs] == ["int2-g128", "int4-g128", "int8-channel-sym"]
+    assert parse_formats("int3-g64-mse")[0] == QuantSpec(bits=3, group=64, clip="mse")
+    with pytest.raises(CiuicError, match="not understood"):
+        parse_formats("fp4")
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, group=64), QuantSpec(bits=3, group="channel"),
+                                  QuantSpec(bits=2, group=32, scheme="sym")])
+def test_gptq_beats_rtn_on_correlated_inputs(spec):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1024, 128, generator=g) @ (torch.randn(128, 128, generator=g) / 11)
+    w = torch.randn(96, 128, generator=g) * 0.05
+    gq = gptq_quantize(w, x.T @ x, spec)
+    rtn = quantize(w, spec)
+    assert gq.codes.shape == rtn.codes.shape and gq.nbytes == rtn.nbytes
+    err = lambda q: float((x @ (dequantize(q) - w).T).norm())  # noqa: E731
+    assert err(gq) < err(rtn)
+
+
+def test_sensitivity_orders_formats_and_caches(tiny, tiny_sites):
+    m, tok, _ = tiny
+    formats = parse_formats("2,8")
+    t = sensitivity(m, tok, tiny_sites, formats, unit="block", es="tiny")
+    assert set(t.kl) == {"block 0", "block 1", "block 2"}
+    for u in t.kl:
+        assert t.kl[u]["int2-g128"] > t.kl[u]["int8-channel-sym"] >= 0
+        assert t.nbytes[u]["int2-g128"] < t.nbytes[u]["int8-channel-sym"] < t.dense_bytes[u]
+    n = t.evaluations
+    sensitivity(m, tok, tiny_sites, formats, unit="block", es="tiny", table=t)
+    assert t.evaluations == n  # nothing recomputed
+
+
+def _table():
+    t = SensitivityTable("site", parse_formats("2,4"), {"a": ["a"], "b": ["b"]}, {"a": 800, "b": 800})
+    t.kl = {"a": {"int2-g128": 0.5, "int4-g128": 0.1}, "b": {"int2-g128": 0.05, "int4-g128": 0.01}}
+    t.nbytes = {"a": {"int2-g128": 200, "int4-g128": 400}, "b": {"int2-g128": 200, "int4-g128": 400}}
+    t.dense_bytes = {"a": 1600, "b": 1600}
+    return t
+
+
+def test_allocation_spends_bits_where_they_pay():
+    from ciuic_lab.search.allocate import _solve
+
+    t = _table()
+    choice = _solve(t.kl, t.nbytes, 600)
+    assert choice == {"a": "int4-g128", "b": "int2-g128"}
+    with pytest.raises(CiuicError, match="cannot be met"):
+        _solve(t.kl, t.nbytes, 100)
+
+
+def test_autoplan_meets_its_budget_and_is_verified(capsys):
+    from ciuic_lab.cli import main
+
+    assert main(["autoplan", "--model", "tiny-deepseek-random", "--target-bpw", "3.0", "--unit", "block",
+                 "--evalset", "tiny", "--verify-evalset", "tiny", "--compare", "int3-g128", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    auto = out["measured"]["auto"]
+    assert auto["bits_per_weight"] <= 3.0 + 1e-9
+    assert out["measured"]["int3-g128"]["bits_per_weight"] > 3.0
+    assert out["solver"]["used"] <= out["solver"]["budget"] + 1e-6
+    assert out["recipe"]["rules"]
+
+
+def test_attribution_shares(tiny, tiny_sites):
+    m, tok, _ = tiny
+    plan = resolve({"rules": [{"match": "*", "bits": 2, "group": 64}]}, tiny_sites)
+    att = attribution(m, tok, plan, es="tiny", unit="block")
+    assert att["kl"] > 0 and len(att["rows"]) == 3
+    assert sum(r["share"] for r in att["rows"]) == pytest.approx(1.0)
+
+
+def test_gptq_plan_is_prepared_and_applied(tiny, tiny_sites, ids):
+    from ciuic_lab import apply, revert
+
+    m, tok, _ = tiny
+    plan = resolve({"rules": [{"match": "attn.o", "bits": 4, "method": "gptq"}]}, tiny_sites)
+    with pytest.raises(CiuicError, match="needs calibration"):
+        apply(m, plan)
+    cache: dict = {}
+    assert prepare_gptq(m, tok, plan, cache) == 3
+    apply(m, plan, cache=cache)
+    with torch.no_grad():
+        assert torch.isfinite(m(ids).logits).all()
+    revert(m)
