@@ -1,0 +1,190 @@
+"""``ciuic-lab bench decode --device cpu``: end-to-end decode tokens/s, quantized plan vs fp32 and bf16.
+
+Two models: the embedded one (``tiny-deepseek``, or whatever ``model`` names) and a ~1 B-parameter
+DeepSeek-V3-architecture model built from a config with random weights (MLA attention, one dense
+layer then MoE layers with a shared expert; timing does not depend on the weights' values).
+
+For each model the same prompt is prefilled, then ``new_tokens`` tokens are decoded greedily one at a
+time with the KV cache; only the decode steps are timed (median per-token time over ``rounds``
+rounds, after a warm-up round). Rows: torch fp32, torch bf16 (the model cast to bf16), and the plan
+(``recipe``, default ``int4-g128``) applied on the fp32 model, running on whatever backend the kernel
+registry picks (the numba kernels on a CPU that has them). ``speedup_vs_fp32`` compares per-token
+medians taken in the same run; ``backends`` counts which kernel each quantized module last used.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import statistics
+import time
+import warnings
+from collections import Counter
+from typing import Any
+
+import torch
+
+# about 1.1 B parameters: 12 layers (1 dense + 11 MoE with 8 routed experts, 4 active, 1 shared), MLA
+LARGE_CONFIG: dict[str, Any] = dict(
+    vocab_size=32000, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+    num_hidden_layers=12, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=4,
+    n_shared_experts=1, n_group=1, topk_group=1, num_attention_heads=16, num_key_value_heads=16,
+    q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    max_position_embeddings=4096, tie_word_embeddings=False, routed_scaling_factor=1.0,
+    norm_topk_prob=True,
+)
+QUICK_CONFIG: dict[str, Any] = dict(LARGE_CONFIG, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                                    q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                                    v_head_dim=32, vocab_size=2048)
+
+
+def build_large(config: dict[str, Any] | None = None, seed: int = 0) -> torch.nn.Module:
+    """A DeepSeek-V3-architecture causal LM from a config, random weights (fp32, eval mode)."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    cfg = DeepseekV3Config(**(config or LARGE_CONFIG))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.inference_mode()
+def decode_times(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[list[float], list[int]]:
+    """Greedy decode with the KV cache; per-token wall times of the decode steps and the tokens."""
+    out = model(input_ids=prompt, use_cache=True)
+    past = out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)
+    times, toks = [], []
+    for _ in range(new_tokens):
+        t0 = time.perf_counter()
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        times.append(time.perf_counter() - t0)
+        toks.append(int(nxt))
+    return times, toks
+
+
+def _backends(model: torch.nn.Module) -> dict[str, int]:
+    c: Counter = Counter()
+    for mod in model.modules():
+        name = getattr(mod, "last_backend", None)
+        if name is not None:
+            c[name] += 1
+    return dict(c)
+
+
+def _time_variant(model, prompt, new_tokens, rounds) -> dict[str, Any]:
+    decode_times(model, prompt, min(4, new_tokens))  # warm-up: kernels loaded, caches sized
+    per_round = []
+    for _ in range(rounds):
+        ts, _ = decode_times(model, prompt, new_tokens)
+        per_round.append(statistics.median(ts))
+    ms = statistics.median(per_round) * 1e3
+    return {"ms_per_token": round(ms, 3), "tokens_per_s": round(1e3 / ms, 2)}
+
+
+def bench_model(model: torch.nn.Module, name: str, recipe: Any = "int4-g128", new_tokens: int = 32,
+                rounds: int = 3, prompt_len: int = 16, layout: str | None = None) -> list[dict[str, Any]]:
+    """fp32, plan-on-fp32 and bf16 rows for one model (the model is left as it came, in fp32)."""
+    from ..plan import resolve
+    from ..recipe import load as load_recipe
+    from ..sites import sites
+    from ..transforms import apply, revert
+
+    gen = torch.Generator().manual_seed(1)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen)
+    params = n_params(model)
+    rows = []
+
+    def row(variant, res, extra=None):
+        r = {"model": name, "params_m": round(params / 1e6, 1), "variant": variant, **res}
+        r.update(extra or {})
+        rows.append(r)
+
+    fp32 = _time_variant(model, prompt, new_tokens, rounds)
+    row("torch fp32", fp32)
+
+    rec = load_recipe(recipe)
+    if layout:
+        rec = copy.deepcopy(rec)
+        for rule in rec.rules:
+            rule.fields["layout"] = layout
+    plan = resolve(rec, sites(model))
+    t0 = time.perf_counter()
+    apply(model, plan)
+    apply_s = time.perf_counter() - t0
+    try:
+        q = _time_variant(model, prompt, new_tokens, rounds)
+        backends = _backends(model)
+    finally:
+        revert(model)
+    fp32_again = _time_variant(model, prompt, new_tokens, max(1, rounds // 2))  # drift check, same run
+    ref_ms = statistics.median([fp32["ms_per_token"], fp32_again["ms_per_token"]])
+    row(f"plan {rec.name or 'recipe'}" + (f" ({layout})" if layout else ""), q,
+        {"speedup_vs_fp32": round(ref_ms / q["ms_per_token"], 3), "apply_s": round(apply_s, 1),
+         "backends": backends})
+    rows[0]["speedup_vs_fp32"] = 1.0
+    rows[0]["ms_per_token_rerun"] = fp32_again["ms_per_token"]
+
+    bf = copy.deepcopy(model).to(torch.bfloat16) if params < 5e7 else model.to(torch.bfloat16)
+    try:
+        b = _time_variant(bf, prompt, new_tokens, rounds)
+    finally:
+        if bf is model:
+            model.to(torch.float32)
+        del bf
+        gc.collect()
+    row("torch bf16", b, {"speedup_vs_fp32": round(ref_ms / b["ms_per_token"], 3)})
+    return rows
+
+
+def bench_decode(model: str | None = None, quick: bool = False, recipe: Any = "int4-g128",
+                 new_tokens: int | None = None, rounds: int | None = None, large: bool = True,
+                 layout: str | None = None) -> dict[str, Any]:
+    """Decode tokens/s for the embedded model and a ~1 B DeepSeek-architecture model; JSON-able."""
+    from ..kernels import compat
+    from ..models import load
+
+    new_tokens = new_tokens or (6 if quick else 32)
+    rounds = rounds or (1 if quick else 3)
+    rows: list[dict[str, Any]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load(model or "tiny-deepseek", dtype="fp32")
+    rows += bench_model(loaded.model, loaded.name, recipe, new_tokens, rounds, layout=layout)
+    del loaded
+    gc.collect()
+    if large:
+        big = build_large(QUICK_CONFIG if quick else LARGE_CONFIG)
+        name = "deepseek-v3-arch random " + (f"{n_params(big) / 1e6:.0f}M" if quick else
+                                             f"{n_params(big) / 1e9:.2f}B")
+        rows += bench_model(big, name, recipe, new_tokens, rounds, layout=layout)
+        del big
+        gc.collect()
+    info = compat.report()
+    return {
+        "device": "cpu",
+        "cpu": info["cpu"]["model"],
+        "usable_cpus": info["cpu"]["usable"],
+        "torch_threads": torch.get_num_threads(),
+        "recipe": recipe if isinstance(recipe, str) else "custom",
+        "new_tokens": new_tokens,
+        "rounds": rounds,
+        "method": "median per-token decode time (batch 1, KV cache, greedy) after a warm-up; ratios within one run",
+        "rows": rows,
+    }
+
+
+__all__ = ["bench_decode", "bench_model", "build_large", "decode_times", "LARGE_CONFIG"]
