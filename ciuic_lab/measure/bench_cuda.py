@@ -1,0 +1,424 @@
+"""GPU benchmarks: the quantized kernels against cuBLAS and torch's int4 kernel, and decode end to end.
+
+``bench_kernels_cuda`` times, on DeepSeek-V3's projection shapes and batches 1/4/16:
+
+- ``cublas_bf16``: ``F.linear`` with a bf16 weight (cuBLAS);
+- ``tinygemm_int4``: torch's int4 kernel (``aten._weight_int4pack_mm``, groups of 128);
+- ``ciuic_int4`` / ``ciuic_int8`` / ``ciuic_fp8``: this project's kernels (int4 and int8 with groups of
+  128 and zero points, fp8 e4m3 with 128x128 block scales).
+
+Every kernel of ours is checked against the torch reference (fp64) on the same inputs before it is
+timed. Timing: CUDA events around each call, the GPU kept busy ahead of the host (a spin kernel) so
+host overhead stays out; warm-up, many repeats, the median. The weights rotate over enough copies to
+exceed the L2 cache several times, so every call reads from device memory. Achieved bandwidth counts
+the weight's stored bytes (codes, scales, zero points) and is set against the device-to-device copy
+bandwidth measured in the same run (bytes read plus bytes written).
+
+``bench_decode_cuda`` builds a ~2B-parameter DeepSeek-V3-architecture model from a config (random
+weights) and measures greedy decode tokens/s with a static KV cache and CUDA graphs, bf16 against
+int4 (groups of 128) on these kernels. ``profile=True`` adds the kernels that take the most device
+time per step. Note what transformers' DeepSeek-V3 attention does per decode step: it caches the
+compressed latents and expands them with ``kv_b_proj`` over the whole cache (``expand_kv``), so that
+projection runs on max_cache_len rows every step, in both plans.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CiuicError
+from ..quant import QuantSpec, dequantize, quantize
+
+# DeepSeek-V3 projections, (K inputs, N outputs)
+DEEPSEEK_V3_SHAPES = (
+    (7168, 18432),   # dense MLP gate / up (intermediate 18432)
+    (18432, 7168),   # dense MLP down
+    (7168, 2048),    # routed expert gate / up (moe_intermediate 2048)
+    (2048, 7168),    # routed expert down
+    (7168, 1536),    # attention q_a (q_lora_rank 1536)
+    (1536, 24576),   # attention q_b (128 heads x 192)
+)
+SPECS = {
+    "int4": QuantSpec(bits=4, scheme="asym", group=128),
+    "int8": QuantSpec(bits=8, scheme="asym", group=128),
+    "fp8": QuantSpec(bits=8, format="fp8_e4m3", group=128, scheme="sym"),
+}
+
+
+def _need_cuda() -> None:
+    if not torch.cuda.is_available():
+        raise CiuicError("bench --device cuda needs a CUDA GPU; this machine has none (accepted here: --device cpu)")
+
+
+def _cuda_backend():
+    from ..kernels.cuda import CUDA
+
+    ok, why = CUDA.available()
+    if not ok:
+        raise CiuicError(f"the cuda kernel backend is not available: {why}")
+    return CUDA
+
+
+# ----------------------------------------------------------------------------------- timing
+def time_calls(fns: list[Callable[[], Any]], reps: int = 100, warmup: int = 10) -> dict[str, float]:
+    """Median (and spread) of device time per call, in microseconds, cycling through ``fns``.
+
+    Each call sits between two CUDA events. Before the timed calls are queued a spin kernel keeps the
+    GPU busy for longer than the host needs to queue them all, so the events measure the GPU, not the
+    launch overhead of the host."""
+    n = len(fns)
+    for i in range(warmup):
+        fns[i % n]()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(min(reps, 20)):
+        fns[i % n]()
+    torch.cuda.synchronize()
+    host_s = (time.perf_counter() - t0) / min(reps, 20)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    spin_s = min(0.5, 2.0 * host_s * reps + 2e-3)
+    torch.cuda._sleep(int(spin_s * 2.0e9))
+    for i in range(reps):
+        starts[i].record()
+        fns[i % n]()
+        ends[i].record()
+    torch.cuda.synchronize()
+    us = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+    return {"us": statistics.median(us), "p10": us[len(us) // 10], "p90": us[(9 * len(us)) // 10]}
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy, bytes read + bytes written per second (GB/s)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    t = time_calls([lambda: dst.copy_(src)], reps=reps, warmup=3)["us"]
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (t * 1e-6) / 1e9
+
+
+def _copies(nbytes: int, l2_bytes: int) -> int:
+    """How many copies of a weight make every call miss the L2 cache."""
+    return max(2, min(64, math.ceil(3 * l2_bytes / max(nbytes, 1))))
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    y, ref = y.double(), ref.double()
+    if not torch.isfinite(y).all():
+        return float("inf")
+    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------ peers
+def _tinygemm_pack(qt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our int4 g128 asym weight in tinygemm's form: w = (q - 8) * s + zero, zero = (8 - z) * s."""
+    q = qt.codes_unpacked()                                   # [N, K] uint8
+    packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)  # two codes a byte, even code high
+    w = torch.ops.aten._convert_weight_to_int4pack(packed.contiguous(), 8)
+    s = qt.group_scales().float()
+    z = (8.0 - qt.group_zeros().float()) * s
+    sz = torch.stack([s, z], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [G, N, 2]
+    return w, sz
+
+
+def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
+                       formats=("int4", "int8", "fp8"), sweep: bool = False, reps: int | None = None) -> dict:
+    """Kernel timings on the GPU (see the module's docstring). ``sweep`` also times every split-K
+    choice of our int4 kernel (for tuning; the reported row is the launcher's own choice)."""
+    _need_cuda()
+    backend = _cuda_backend()
+    shapes = tuple(shapes or (DEEPSEEK_V3_SHAPES[:2] if quick else DEEPSEEK_V3_SHAPES))
+    batches = tuple(batches if not quick else (1, 16))
+    reps = reps or (30 if quick else 200)
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    l2 = int(getattr(props, "L2_cache_size", 50 << 20) or (50 << 20))
+    copy_gbs = copy_bandwidth()
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(1234)
+    rows: list[dict[str, Any]] = []
+    sweeps: list[dict[str, Any]] = []
+    for k, n in shapes:
+        w = (torch.randn(n, k, device=dev, generator=gen) * 0.02).to(torch.bfloat16)
+        wbytes_bf16 = n * k * 2
+        dense = [w] + [w.clone() for _ in range(_copies(wbytes_bf16, l2) - 1)]
+        q = {f: quantize(w, SPECS[f]) for f in formats}
+        prepared = {f: backend.prepare(q[f], "auto") for f in formats}
+        ours = {}
+        for f in formats:
+            p0 = prepared[f]
+            ours[f] = [p0] + [p0.clone() for _ in range(_copies(p0.nbytes, l2) - 1)]
+        tg = None
+        tg_error = None
+        if "int4" in formats:
+            try:
+                tw, tsz = _tinygemm_pack(q["int4"])
+                tg = [(tw, tsz)] + [(tw.clone(), tsz.clone()) for _ in range(_copies(tw.numel() * tw.element_size(), l2) - 1)]
+            except Exception as e:  # an older/newer torch without the CUDA int4 kernel
+                tg_error = f"{type(e).__name__}: {e}"[:200]
+        for m in batches:
+            x = (torch.randn(m, k, device=dev, generator=gen)).to(torch.bfloat16)
+            base = {"shape": f"{k}->{n}", "K": k, "N": n, "batch": m}
+            # cuBLAS bf16
+            r = time_calls([lambda wi=wi: F.linear(x, wi) for wi in dense], reps=reps)
+            cublas_us = r["us"]
+            rows.append({**base, "kernel": "cublas_bf16", "us": r["us"], "p10_us": r["p10"], "p90_us": r["p90"],
+                         "weight_bytes": wbytes_bf16, "GBps": wbytes_bf16 / r["us"] / 1e3,
+                         "pct_copy_bw": 100 * wbytes_bf16 / r["us"] / 1e3 / copy_gbs, "rel_err": None})
+            tg_us = None
+            if tg is not None:
+                try:
+                    ref = x.double() @ dequantize(q["int4"], torch.float64).T
+                    yt = torch.ops.aten._weight_int4pack_mm(x, tg[0][0], 128, tg[0][1])
+                    err = _rel_err(yt, ref)
+                    r = time_calls([lambda a=a, b=b: torch.ops.aten._weight_int4pack_mm(x, a, 128, b) for a, b in tg],
+                                   reps=reps)
+                    tg_us = r["us"]
+                    nb = q["int4"].nbytes
+                    rows.append({**base, "kernel": "tinygemm_int4", "us": r["us"], "p10_us": r["p10"],
+                                 "p90_us": r["p90"], "weight_bytes": nb, "GBps": nb / r["us"] / 1e3,
+                                 "pct_copy_bw": 100 * nb / r["us"] / 1e3 / copy_gbs, "rel_err": err})
+                except Exception as e:
+                    tg_error = f"{type(e).__name__}: {e}"[:200]
+            for f in formats:
+                cps = ours[f]
+                ref = x.double() @ dequantize(q[f], torch.float64).T
+                y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=dev)
+                backend.linear(x, cps[0], out=y)
+                err = _rel_err(y, ref)
+                if not err < 1e-2:
+                    raise CiuicError(f"ciuic_{f} {k}->{n} batch {m}: relative error {err:.3g} against the reference; "
+                                     "refusing to time a wrong kernel")
+                r = time_calls([lambda c=c: backend.linear(x, c) for c in cps], reps=reps)
+                nb = q[f].nbytes
+                row = {**base, "kernel": f"ciuic_{f}", "us": r["us"], "p10_us": r["p10"], "p90_us": r["p90"],
+                       "weight_bytes": nb, "GBps": nb / r["us"] / 1e3,
+                       "pct_copy_bw": 100 * nb / r["us"] / 1e3 / copy_gbs, "rel_err": err,
+                       "speedup_vs_cublas": cublas_us / r["us"]}
+                if tg_us is not None:
+                    row["speedup_vs_tinygemm"] = tg_us / r["us"]
+                rows.append(row)
+                cfg = [v for key, v in backend.tuned.items()
+                       if key[0] == "linear" and key[4:6] == (n, k) and key[2] == cps[0].fmt and key[-1] == min(m, 32)]
+                if cfg:
+                    row["config"] = {"splits": cfg[0][0], "staging": ("auto", "whole", "chunk")[cfg[0][1]]}
+                if sweep and f == "int4":
+                    sw = {}
+                    for st in (2, 1):
+                        for s in (1, 2, 3, 4, 6, 8, 12, 16):
+                            backend.splits, backend.staging = s, st
+                            try:
+                                sw[f"{ {1: 'w', 2: 'c'}[st] }{s}"] = time_calls([lambda c=c: backend.linear(x, c) for c in cps],
+                                                                      reps=max(20, reps // 4))["us"]
+                            finally:
+                                backend.splits, backend.staging = 0, 0
+                    sweeps.append({**base, "format": f, "auto_us": r["us"], "by_splits_us": sw})
+        del dense, ours, tg, prepared, q, w
+        torch.cuda.empty_cache()
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(dev),
+        "torch": torch.__version__,
+        "copy_bandwidth_GBps": copy_gbs,
+        "l2_bytes": l2,
+        "timing": f"CUDA events per call, median of {reps}, weights rotated over >= 3x L2",
+        "rows": rows,
+    }
+    if tg_error:
+        out["tinygemm_error"] = tg_error
+    if sweeps:
+        out["splits_sweep"] = sweeps
+    out["figures"] = _figures(rows, copy_gbs)
+    return out
+
+
+def _figures(rows: list[dict], copy_gbs: float) -> dict[str, Any]:
+    """The issue's headline numbers, read off the rows."""
+    def get(shape, m, kernel):
+        for r in rows:
+            if r["shape"] == shape and r["batch"] == m and r["kernel"] == kernel:
+                return r
+        return None
+
+    f: dict[str, Any] = {}
+    a = get("7168->18432", 1, "ciuic_int4")
+    if a:
+        f["int4_b1_7168x18432_pct_copy_bw"] = a["pct_copy_bw"]
+        f["int4_b1_7168x18432_vs_cublas"] = a.get("speedup_vs_cublas")
+        f["int4_b1_7168x18432_vs_tinygemm"] = a.get("speedup_vs_tinygemm")
+    for shape in ("7168->18432", "18432->7168"):
+        b = get(shape, 16, "ciuic_int4")
+        if b:
+            f[f"int4_b16_{shape.replace('->', 'x')}_vs_cublas"] = b.get("speedup_vs_cublas")
+    c = get("7168->18432", 1, "ciuic_fp8")
+    if c:
+        f["fp8_b1_7168x18432_pct_copy_bw"] = c["pct_copy_bw"]
+    return f
+
+
+# ------------------------------------------------------------------------------ decode
+DECODE_CONFIG = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, moe_intermediate_size=1536,
+    num_hidden_layers=6, first_k_dense_replace=1, n_routed_experts=16, num_experts_per_tok=4,
+    n_shared_experts=1, n_group=1, topk_group=1, num_attention_heads=32, num_key_value_heads=32,
+    q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+    max_position_embeddings=4096, tie_word_embeddings=False,
+)
+QUICK_CONFIG = dict(DECODE_CONFIG, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                    num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=384,
+                    kv_lora_rank=256, vocab_size=8192)
+
+
+def build_decode_model(config: dict | None = None, dtype=torch.bfloat16, device="cuda", seed: int = 0,
+                       experts_implementation: str | None = "grouped_mm"):
+    """A DeepSeek-V3-architecture model from a config, random weights (std 0.02), in eval mode.
+
+    ``experts_implementation``: transformers' expert kernel for the bf16 baseline; ``grouped_mm`` (one
+    grouped GEMM, no host synchronisation, so it can be captured in a CUDA graph) where this
+    transformers has it, else its default loop."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    cfg = DeepseekV3Config(**(config or DECODE_CONFIG))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        try:
+            model = DeepseekV3ForCausalLM._from_config(cfg, experts_implementation=experts_implementation,
+                                                        dtype=dtype) if experts_implementation else None
+        except (TypeError, ValueError):
+            model = None
+        if model is None:
+            model = DeepseekV3ForCausalLM(cfg)
+        model = model.to(dtype)
+    for p in model.parameters():
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=0.02)
+    for name, b in model.named_buffers():
+        if "e_score_correction_bias" in name:
+            b.zero_()
+    return model.eval()
+
+
+def _decode_tokens_per_s(model, prompt_len: int, new_tokens: int, graphs: bool, profile: bool = False) -> dict[str, Any]:
+    """Greedy decode with a static cache; one captured CUDA graph per step when ``graphs``."""
+    from transformers import StaticCache
+
+    dev = next(model.parameters()).device
+    max_len = prompt_len + new_tokens + 64  # warm-up, capture and profiled steps come on top
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=dev)
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt_len, device=dev),
+                    use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        pos = torch.tensor([prompt_len], device=dev)
+
+        def step():
+            o = model(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos[None], use_cache=True)
+            tok.copy_(o.logits[:, -1:].argmax(-1))
+            pos.add_(1)
+
+        mode = "eager"
+        run = step
+        if graphs:
+            try:
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    for _ in range(2):
+                        step()
+                torch.cuda.current_stream().wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, stream=s):  # the stream warmed up above: its kernel workspace exists
+                    step()
+                run = g.replay
+                mode = "cuda_graph"
+            except Exception as e:  # capture failed: time the eager loop and say why
+                mode = f"eager (graph capture failed: {type(e).__name__}: {str(e)[:160]})"
+                run = step
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        n = new_tokens
+        t0 = time.perf_counter()
+        for _ in range(n):
+            run()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        top = _profile_top(run) if profile else None
+    out = {"tokens_per_s": n / dt, "ms_per_token": 1e3 * dt / n, "mode": mode}
+    if top is not None:
+        out["top_kernels"] = top
+    return out
+
+
+def _profile_top(run, steps: int = 5, keep: int = 12) -> list[dict[str, Any]]:
+    """The kernels that take the most device time per decode step (torch profiler, CUDA activity)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                run()
+            torch.cuda.synchronize()
+        rows = []
+        for e in prof.key_averages():
+            t = getattr(e, "device_time_total", None)
+            if t is None:
+                t = getattr(e, "cuda_time_total", 0.0)
+            rows.append((e.key, float(t), int(e.count)))
+        rows.sort(key=lambda r: -r[1])
+        total = sum(r[1] for r in rows)
+        out = [{"kernel": k[:100], "us_per_step": t / steps, "calls_per_step": c / steps} for k, t, c in rows[:keep]]
+        out.append({"kernel": "(all)", "us_per_step": total / steps})
+        return out
+    except Exception as e:  # the profiler is a diagnostic: never fail the benchmark for it
+        return [{"error": f"{type(e).__name__}: {e}"[:200]}]
+
+
+def bench_decode_cuda(quick: bool = False, recipe: str = "int4-g128", prompt_len: int = 32,
+                      new_tokens: int | None = None, graphs: bool = True, profile: bool = False) -> dict:
+    """Decode tokens/s of a DeepSeek-V3-architecture model on the GPU, bf16 vs a quantized plan."""
+    _need_cuda()
+    backend = _cuda_backend()
+    from ..plan import resolve
+    from ..sites import sites
+    from ..transforms import apply, backends_in_use
+
+    cfg = QUICK_CONFIG if quick else DECODE_CONFIG
+    new_tokens = new_tokens or (16 if quick else 128)
+    model = build_decode_model(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    impl_note = f"bf16 experts: {getattr(model.config, '_experts_implementation', None)}"
+    base = _decode_tokens_per_s(model, prompt_len, new_tokens, graphs, profile)
+    plan = resolve(recipe, sites(model))
+    t0 = time.perf_counter()
+    apply(model, plan)
+    apply_s = time.perf_counter() - t0
+    q = _decode_tokens_per_s(model, prompt_len, new_tokens, graphs, profile)
+    used = sorted(set(backends_in_use(model).values()))
+    out = {
+        "device": torch.cuda.get_device_name(),
+        "model": "DeepseekV3ForCausalLM from a config, random weights",
+        "params": n_params,
+        "config": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "n_routed_experts",
+                                       "num_experts_per_tok", "moe_intermediate_size", "intermediate_size")},
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "recipe": recipe,
+        "apply_s": apply_s,
+        "backends": used,
+        "rows": [
+            {"plan": "bf16", **base},
+            {"plan": recipe, **q},
+        ],
+        "speedup": q["tokens_per_s"] / base["tokens_per_s"],
+    }
+    out["note"] = impl_note
+    del backend
+    return out

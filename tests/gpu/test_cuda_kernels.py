@@ -1,0 +1,368 @@
+"""The CUDA kernels against the torch reference, on a GPU (the module skips without one).
+
+Shapes are drawn fresh each run (odd N, K rarely a multiple of the 64-input tile, batch 1..33); the
+seed is printed, and ``CIUIC_SEED`` replays a run. Outputs are poisoned (NaN) before each launch so
+an unwritten element fails. The reference is fp64 maths on the dequantized weight; the kernels
+compute exactly (q - z) * x in fp32 and scale each group once, so the only rounding that matters is
+the output's own (bf16: 2^-9, fp16: 2^-12).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ciuic_lab.errors import KernelError
+from ciuic_lab.quant import QTensor, QuantSpec, dequantize, quantize
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU", allow_module_level=True)
+
+from ciuic_lab.kernels import REGISTRY  # noqa: E402
+from ciuic_lab.kernels.cuda import CUDA  # noqa: E402
+
+_ok, _why = CUDA.available()
+if not _ok:
+    pytest.skip(f"the cuda backend is unavailable: {_why}", allow_module_level=True)
+
+SEED = int(os.environ.get("CIUIC_SEED", random.SystemRandom().randrange(1 << 30)))
+print(f"\n[gpu kernels] CIUIC_SEED={SEED}")
+DEV = torch.device("cuda")
+TOL = {torch.bfloat16: 6e-3, torch.float16: 1.5e-3}
+DTYPES = (torch.bfloat16, torch.float16)
+SPECS = {
+    "int4-asym-g128": QuantSpec(bits=4, scheme="asym", group=128),
+    "int4-sym-g64": QuantSpec(bits=4, scheme="sym", group=64),
+    "int4-asym-g256": QuantSpec(bits=4, scheme="asym", group=256),
+    "int4-asym-channel": QuantSpec(bits=4, scheme="asym", group="channel"),
+    "int4-sym-tensor": QuantSpec(bits=4, scheme="sym", group="tensor"),
+    "int8-asym-g128": QuantSpec(bits=8, scheme="asym", group=128),
+    "int8-sym-channel": QuantSpec(bits=8, scheme="sym", group="channel"),
+    "int8-asym-g64": QuantSpec(bits=8, scheme="asym", group=64),
+    "fp8": QuantSpec(bits=8, format="fp8_e4m3", group=128, scheme="sym"),
+}
+BATCHES = (1, 2, 5, 8, 9, 13, 16, 17, 24, 25, 31, 32, 33)
+
+
+def rng_for(name: str) -> random.Random:
+    return random.Random(f"{SEED}-{name}")
+
+
+def reference(x: torch.Tensor, qt: QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    y = x.double() @ dequantize(qt, torch.float64).to(x.device).T
+    return y if bias is None else y + bias.double()
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def check(y: torch.Tensor, ref: torch.Tensor, dtype, what: str) -> float:
+    assert torch.isfinite(y).all(), f"{what}: unwritten (NaN) or non-finite outputs (seed {SEED})"
+    err = rel_err(y, ref)
+    assert err < TOL[dtype], f"{what}: relative error {err:.3g} >= {TOL[dtype]} (seed {SEED})"
+    return err
+
+
+def random_weight(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    w = torch.randn(n, k, device=DEV, generator=gen) * 0.05
+    w[:, : max(1, k // 17)] *= 4.0  # some wider columns, as real weights have
+    return w
+
+
+def run_linear(x, p, bias=None):
+    out = torch.full((x.shape[0], p.n), float("nan"), dtype=x.dtype, device=x.device)
+    y = CUDA.linear(x, p, bias, out=out)
+    assert y is out
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_linear_random_shapes(name, dtype):
+    spec = SPECS[name]
+    r = rng_for(f"lin-{name}-{dtype}")
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(r.randrange(1 << 30))
+    for trial in range(6):
+        n = r.randrange(1, 400) | 1
+        k = r.choice([r.randrange(1, 900), r.randrange(1, 120) * 8, r.randrange(65, 1500)])
+        m = r.choice(BATCHES)
+        qt = quantize(random_weight(n, k, gen), spec)
+        p = CUDA.prepare(qt)
+        x = torch.randn(m, k, device=DEV, generator=gen).to(dtype)
+        bias = torch.randn(n, device=DEV, generator=gen).to(dtype) if trial % 2 else None
+        y = run_linear(x, p, bias)
+        check(y, reference(x, qt, bias), dtype, f"{name} {dtype} N={n} K={k} M={m} bias={bias is not None}")
+
+
+@pytest.mark.parametrize("fmt", ["int4-asym-g128", "int8-asym-g64", "fp8"])
+def test_split_k_paths_agree_and_are_deterministic(fmt):
+    spec = SPECS[fmt]
+    r = rng_for(f"split-{fmt}")
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(r.randrange(1 << 30))
+    n, k = 777, 3000 + r.randrange(0, 60)
+    qt = quantize(random_weight(n, k, gen), spec)
+    p = CUDA.prepare(qt)
+    try:
+        for m in (1, 9, 32):
+            x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
+            ref = reference(x, qt)
+            for s in (1, 2, 3, 5, 11):
+                CUDA.splits = s
+                y1 = run_linear(x, p)
+                y2 = run_linear(x, p)
+                check(y1, ref, torch.bfloat16, f"{fmt} splits={s} M={m} K={k}")
+                assert torch.equal(y1, y2), f"{fmt} splits={s}: two runs differ (a race?) (seed {SEED})"
+    finally:
+        CUDA.splits = 0
+
+
+@pytest.mark.parametrize("fmt", ["int4-asym-g128", "fp8"])
+def test_small_batch_both_staging_modes(fmt):
+    """x staged once for the whole K range (when the rows fit the shared-memory budget; more splits
+    make them fit) or chunk by chunk, for every split count: the same results."""
+    spec = SPECS[fmt]
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    n, k = 333, 6000 + (SEED % 50)
+    qt = quantize(random_weight(n, k, gen), spec)
+    p = CUDA.prepare(qt)
+    try:
+        for m in (1, 3, 8, 16, 27):
+            x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
+            ref = reference(x, qt)
+            for staging in (1, 2):  # whole, chunk
+                for s in (0, 1, 2, 7):
+                    CUDA.splits, CUDA.staging = s, staging
+                    check(run_linear(x, p), ref, torch.bfloat16, f"{fmt} M={m} K={k} splits={s} staging={staging}")
+    finally:
+        CUDA.splits, CUDA.staging = 0, 0
+
+
+@pytest.mark.parametrize("k,n,m", [(7168, 2048, 1), (7168, 2048, 16), (2048, 7168, 4), (1536, 3072, 1)])
+def test_deepseek_shapes(k, n, m):
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    for spec in (SPECS["int4-asym-g128"], SPECS["fp8"]):
+        qt = quantize(random_weight(n, k, gen), spec)
+        p = CUDA.prepare(qt)
+        x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
+        check(run_linear(x, p), reference(x, qt), torch.bfloat16, f"{spec.label()} {k}->{n} M={m}")
+
+
+def test_unaligned_activations_take_the_scalar_path():
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    n, k = 301, 512
+    qt = quantize(random_weight(n, k, gen), SPECS["int4-asym-g128"])
+    p = CUDA.prepare(qt)
+    flat = torch.randn(3 * k + 1, device=DEV, generator=gen).to(torch.bfloat16)
+    x = flat[1:].view(3, k)  # 2-byte aligned only
+    assert x.data_ptr() % 16 != 0 and x.is_contiguous()
+    check(run_linear(x, p), reference(x, qt), torch.bfloat16, "x not 16-byte aligned")
+
+
+def test_large_batches_are_chunked():
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    n, k = 263, 700
+    qt = quantize(random_weight(n, k, gen), SPECS["int4-asym-g128"])
+    p = CUDA.prepare(qt)
+    for m in (33, 64, 100):
+        x = torch.randn(m, k, device=DEV, generator=gen).to(torch.float16)
+        check(run_linear(x, p), reference(x, qt), torch.float16, f"M={m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_fp8_every_code(dtype):
+    """All 254 finite e4m3 codes (subnormals included) in every position of the fragments."""
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    n, k = 48, 254 * 2 + 3
+    codes = torch.tensor([c for c in range(256) if c not in (0x7F, 0xFF)], dtype=torch.uint8, device=DEV)
+    rows = [codes[torch.randperm(254, device=DEV, generator=gen)] for _ in range(2 * n)]
+    full = torch.stack(rows).view(n, 2 * 254)
+    full = torch.cat([full, codes[:3].expand(n, 3)], dim=1).contiguous()
+    scales = torch.rand(1, (k + 127) // 128, device=DEV, generator=gen) + 0.5
+    qt = QTensor(SPECS["fp8"], (n, k), full, scales.float(), None, torch.float32)
+    p = CUDA.prepare(qt)
+    x = (torch.randn(3, k, device=DEV, generator=gen) * 0.01).to(dtype)
+    check(run_linear(x, p), reference(x, qt), dtype, "fp8 every code")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+def test_int8_extreme_codes(dtype):
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    n, k, g = 40, 256, 64
+    spec = QuantSpec(bits=8, scheme="asym", group=g)
+    codes = torch.randint(0, 2, (n, k), device=DEV, generator=gen).to(torch.uint8) * 255
+    zeros = torch.randint(0, 2, (n, k // g), device=DEV, generator=gen).to(torch.uint8) * 255
+    scales = (torch.rand(n, k // g, device=DEV, generator=gen) * 1e-3 + 1e-4).half()
+    qt = QTensor(spec, (n, k), codes, scales, zeros, torch.float32)
+    p = CUDA.prepare(qt)
+    x = torch.randn(5, k, device=DEV, generator=gen).to(dtype)
+    check(run_linear(x, p), reference(x, qt), dtype, "int8 codes and zeros at 0 and 255")
+
+
+def _moe_reference(x, ids, wts, gu, dn, act_dtype):
+    out = torch.zeros(x.shape[0], dn[0].n, dtype=torch.float64, device=x.device)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e < 0 or e >= len(gu):
+                continue
+            a = x[t].double() @ dequantize(gu[e], torch.float64).T
+            g, u = a.chunk(2)
+            h = (F.silu(g) * u).to(act_dtype).double()  # the kernel hands h on in the activation dtype
+            out[t] += float(wts[t, j]) * (h @ dequantize(dn[e], torch.float64).T)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["int4-asym-g128", "int8-sym-channel", "fp8", "int4-sym-g64"])
+def test_moe_grouped(name, dtype):
+    spec = SPECS[name]
+    r = rng_for(f"moe-{name}-{dtype}")
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(r.randrange(1 << 30))
+    n_exp = r.randrange(3, 9)
+    hidden = r.choice([256, 320, 448, 200 if not spec.is_fp8 else 384])
+    inter = 16 * r.randrange(2, 12)
+    gu_q = [quantize(random_weight(2 * inter, hidden, gen), spec) for _ in range(n_exp)]
+    dn_q = [quantize(random_weight(hidden, inter, gen), spec) for _ in range(n_exp)]
+    gu = [CUDA.prepare(q) for q in gu_q]
+    dn = [CUDA.prepare(q) for q in dn_q]
+    try:
+        for splits, staging in ((0, 0), (1, 2), (3, 2), (0, 1), (2, 1)):
+            CUDA.splits, CUDA.staging = splits, staging
+            for tokens in (1, 3, 5):
+                top_k = r.randrange(1, min(4, n_exp) + 1)
+                ids = torch.stack([torch.randperm(n_exp, device=DEV, generator=gen)[:top_k] for _ in range(tokens)])
+                if tokens == 3:
+                    ids[1, 0] = -1  # a slot routed nowhere contributes nothing
+                wts = torch.rand(tokens, top_k, device=DEV, generator=gen)
+                x = torch.randn(tokens, hidden, device=DEV, generator=gen).to(dtype)
+                y = CUDA.moe(x, ids, wts, gu, dn)
+                assert y is not NotImplemented
+                ref = _moe_reference(x, ids, wts, gu_q, dn_q, dtype)
+                check(y, ref, dtype, f"moe {name} E={n_exp} hidden={hidden} inter={inter} T={tokens} "
+                      f"k={top_k} splits={splits} staging={staging}")
+    finally:
+        CUDA.splits, CUDA.staging = 0, 0
+
+
+def test_moe_declines_what_it_does_not_take():
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    spec = SPECS["int4-asym-g128"]
+    gu = [CUDA.prepare(quantize(random_weight(64, 128, gen), spec)) for _ in range(2)]
+    dn = [CUDA.prepare(quantize(random_weight(128, 32, gen), spec)) for _ in range(2)]
+    x = torch.randn(1, 128, device=DEV).to(torch.bfloat16)
+    ids = torch.tensor([[0, 1]], device=DEV)
+    w = torch.ones(1, 2, device=DEV)
+    assert CUDA.moe(x, ids, w, [gu[0], None], dn) is NotImplemented
+    big = torch.zeros(300, 2, dtype=torch.int64, device=DEV)
+    assert CUDA.moe(torch.zeros(300, 128, device=DEV, dtype=torch.bfloat16), big, torch.ones(300, 2, device=DEV),
+                    gu, dn) is NotImplemented
+
+
+def test_bad_inputs_raise_kernel_error():
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    qt = quantize(random_weight(33, 200, gen), SPECS["int4-asym-g128"])
+    p = CUDA.prepare(qt)
+    x = torch.randn(4, 200, device=DEV).to(torch.bfloat16)
+    with pytest.raises(KernelError, match="dtype"):
+        CUDA.linear(x.to(torch.int32), p)
+    with pytest.raises(KernelError, match=r"\[M, 200\]"):
+        CUDA.linear(torch.randn(4, 199, device=DEV).to(torch.bfloat16), p)
+    with pytest.raises(KernelError, match="contiguous"):
+        CUDA.linear(torch.randn(4, 400, device=DEV).to(torch.bfloat16)[:, ::2], p)
+    with pytest.raises(KernelError, match="cpu"):
+        CUDA.linear(x.cpu(), p)
+    with pytest.raises(KernelError, match="bias"):
+        CUDA.linear(x, p, torch.zeros(32, device=DEV, dtype=torch.bfloat16))
+    with pytest.raises(KernelError, match="out"):
+        CUDA.linear(x, p, out=torch.empty(4, 33, device=DEV, dtype=torch.float16))
+    with pytest.raises(KernelError, match="does not take"):
+        CUDA.prepare(quantize(random_weight(8, 64, gen), QuantSpec(bits=4, group=32)))
+    with pytest.raises(KernelError, match="one weight"):
+        CUDA.prepare(quantize(torch.randn(2, 8, 64, device=DEV), SPECS["int4-asym-g128"]))
+
+
+def test_float32_activations_run_through_bf16():
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    qt = quantize(random_weight(65, 300, gen), SPECS["int8-asym-g128"])
+    x = torch.randn(3, 300, device=DEV, generator=gen)
+    y = CUDA.linear(x, CUDA.prepare(qt))
+    assert y.dtype == torch.float32
+    check(y, reference(x.to(torch.bfloat16), qt), torch.bfloat16, "fp32 x")
+
+
+def test_registry_picks_cuda_and_the_module_runs_on_it():
+    from ciuic_lab.transforms import QuantLinear
+
+    spec = SPECS["int4-asym-g128"]
+    assert REGISTRY.pick("cuda", spec, "rowmajor", 1).name == "cuda"
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    qt = quantize(random_weight(130, 256, gen), spec)
+    mod = QuantLinear(qt, None)
+    x = torch.randn(2, 5, 256, device=DEV, generator=gen).to(torch.bfloat16)
+    y = mod(x)
+    assert mod.last_backend == "cuda" and y.shape == (2, 5, 130)
+    check(y.reshape(10, 130), reference(x.reshape(10, 256), qt), torch.bfloat16, "QuantLinear on cuda")
+
+
+@pytest.mark.parametrize("same_stream", [True, False], ids=["split-k", "no-workspace"])
+def test_cuda_graph_capture_and_replay(same_stream):
+    """Captured on the warmed-up stream, the graph uses split-K (its counters must come back to zero
+    after every replay); captured on a fresh stream, the launch runs without a workspace."""
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    qt = quantize(random_weight(1000, 2048, gen), SPECS["int4-asym-g128"])
+    p = CUDA.prepare(qt)
+    x = torch.randn(1, 2048, device=DEV, generator=gen).to(torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        y = CUDA.linear(x, p)  # warm-up on the capture stream (allocates its workspace)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s if same_stream else None):
+        y = CUDA.linear(x, p)
+    for _ in range(3):
+        x.copy_(torch.randn(1, 2048, device=DEV, generator=gen).to(torch.bfloat16))
+        g.replay()
+        torch.cuda.synchronize()
+        check(y, reference(x, qt), torch.bfloat16, "graph replay")
+
+
+def test_first_use_measures_a_plan_and_keeps_it():
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    n, k = 1232 + SEED % 7 * 16, 1984
+    qt = quantize(random_weight(n, k, gen), SPECS["int4-asym-g128"])
+    p = CUDA.prepare(qt)
+    x = torch.randn(1, k, device=DEV, generator=gen).to(torch.bfloat16)
+    for key in [key for key in CUDA.tuned if key[4:6] == (n, k)]:  # measured by an earlier test: forget it
+        del CUDA.tuned[key]
+    before = set(CUDA.tuned)
+    y = run_linear(x, p)
+    new = [key for key in CUDA.tuned if key not in before]
+    assert len(new) == 1 and new[0][4:6] == (n, k)
+    splits, staging, us = CUDA.tuned[new[0]]
+    assert splits >= 0 and staging in (0, 1, 2) and us > 0
+    check(y, reference(x, qt), torch.bfloat16, "after tuning")
+    run_linear(x, p)
+    assert set(CUDA.tuned) == before | set(new)
