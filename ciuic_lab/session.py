@@ -147,6 +147,32 @@ class _Counting(MutableMapping):
         return len(self.cache)
 
 
+# --------------------------------------------------------------------------------------- memory
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None).malloc_trim  # glibc only; elsewhere the allocator is left alone
+        fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+        return fn
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def _trim_heap() -> None:
+    """Give the pages freed by the last change back to the OS.
+
+    Every plan change frees whole quantized banks and the activations of an evaluation; glibc keeps
+    such freed heap pages by default, so a notebook toggling for an hour would look like a leak.
+    Trimming costs about a millisecond against the tens a toggle takes.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 # --------------------------------------------------------------------------------------- history
 @dataclass
 class Entry:
@@ -507,6 +533,7 @@ class Session:
         self._undo.pop()
         self._redo.append(self.current)
         self.current = target
+        _trim_heap()
         self._notify("plan")
         return self.report
 
@@ -518,6 +545,7 @@ class Session:
         self._redo.pop()
         self._undo.append(self.current)
         self.current = target
+        _trim_heap()
         self._notify("plan")
         return self.report
 
@@ -586,6 +614,7 @@ class Session:
         self.current = entry
         self.history.append(entry)
         self._note(1.0, "done")
+        _trim_heap()
         self._notify("plan")
         return report
 

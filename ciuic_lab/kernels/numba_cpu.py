@@ -53,6 +53,7 @@ import os
 import re
 import tempfile
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -1021,8 +1022,13 @@ class NumbaCPU:
                     tl.append(getattr(p, attr))
                 lists.append(tl)
         eps: dict = {}
-        self._moe_cache[key] = (tuple(lists), (list(gate_up), list(down)), eps)  # keeps the ids valid
-        while len(self._moe_cache) > 256:
+        # The entry holds the banks' arrays but not the prepared weights: when any of them dies (the
+        # plan moved on, the session's cache evicted it) the entry goes too, so this cache never keeps
+        # quantized weights alive beyond their owners.
+        self._moe_cache[key] = (tuple(lists), None, eps)
+        for p in {id(p): p for p in list(gate_up) + list(down)}.values():
+            weakref.finalize(p, self._moe_cache.pop, key, None)
+        while len(self._moe_cache) > 64:
             self._moe_cache.popitem(last=False)
         return tuple(lists), eps
 

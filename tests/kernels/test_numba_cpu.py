@@ -123,6 +123,27 @@ def test_moe_grouped_matches_expert_loop():
     assert NUMBA.moe(x, idx, wts, [None] + pg[1:], pd) is NotImplemented
 
 
+def test_moe_bank_cache_lets_dead_weights_go():
+    """The grouped-MoE bank cache must not keep quantized experts alive once their module drops them."""
+    import gc
+    import weakref
+
+    rng = _rng(19)
+    spec = QuantSpec(bits=4, group=64)
+    x = torch.from_numpy(rng.standard_normal((1, 64)).astype(np.float32))
+    idx, wts = torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]])
+    pg = [NUMBA.prepare(quantize(_weight(64, 64, rng), spec)) for _ in range(3)]
+    pd = [NUMBA.prepare(quantize(_weight(64, 32, rng), spec)) for _ in range(3)]
+    before = len(NUMBA._moe_cache)
+    NUMBA.moe(x, idx, wts, pg, pd)
+    NUMBA.moe(x, idx, wts, pg, pd)  # the second call reuses the bank
+    assert len(NUMBA._moe_cache) == before + 1
+    codes = weakref.ref(pg[0].codes)
+    del pg, pd
+    gc.collect()
+    assert len(NUMBA._moe_cache) == before and codes() is None
+
+
 def test_registry_picks_numba_on_cpu_and_falls_back():
     spec = QuantSpec(bits=4, group=128)
     assert REGISTRY.pick("cpu", spec, "rowmajor", 1).name == "numba"
