@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CiuicError
-from .core import QTensor, _check_finite, _int_codes, _int_params
+from .core import QTensor, _check_finite, _int_codes, _int_params, _mse_shrink
 from .pack import pack
 from .spec import QuantSpec
 
@@ -46,7 +46,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float
     zeros = torch.empty(n, n_groups, dtype=torch.float32)
     codes = torch.empty(n, k, dtype=torch.float32)
     if spec.group == "tensor":
-        s16, z = _int_params(W.to(torch.float32).reshape(1, 1, -1), spec)
+        wt = W.to(torch.float32).reshape(1, 1, -1)
+        s16, z = _int_params(wt, spec, _mse_shrink(wt, spec) if spec.clip == "mse" else 1.0)
         scales[:], zeros[:] = s16.reshape(()), z.reshape(())
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -59,7 +60,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float
             if spec.group != "tensor" and col % g == 0:
                 end = min(col + g, k)
                 cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : end - col] if end > i2 else W1[:, i:i + end - col]
-                s16, z = _int_params(cur.to(torch.float32).unsqueeze(1), spec)
+                cg = cur.to(torch.float32).unsqueeze(1)
+                s16, z = _int_params(cg, spec, _mse_shrink(cg, spec) if spec.clip == "mse" else 1.0)
                 scales[:, gi], zeros[:, gi] = s16[:, 0], z[:, 0]
             s = scales[:, gi].to(torch.float32)
             z = zeros[:, gi]
