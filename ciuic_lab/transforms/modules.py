@@ -133,13 +133,21 @@ class QuantExperts(nn.Module, _Kerneled):
         """Dense experts as one batched call over the (token, expert) pairs; sorted segments for long inputs."""
         t, k = idx.shape
         flat = idx.reshape(-1)
+        if t * k <= 16:
+            # decode: a handful of (token, expert) pairs; run each on views of the bank (no gather of
+            # whole expert matrices, which costs more than the products at this size)
+            out = torch.zeros_like(x)
+            pairs = flat.tolist()
+            for j, e in enumerate(pairs):
+                if e < 0 or e >= self.num_experts:
+                    continue
+                ti = j // k
+                xi = x[ti:ti + 1]
+                g, u = F.linear(xi, self._gate_up_w[e].to(x.dtype)).chunk(2, dim=-1)
+                out[ti:ti + 1] += F.linear(self.act_fn(g) * u, self._down_w[e].to(x.dtype)) * wts[ti, j % k].to(x.dtype)
+            return out
         xs = x.repeat_interleave(k, dim=0)
         w = wts.reshape(-1, 1).to(x.dtype)
-        if t * k <= 16:  # decode: gather the selected experts and run one batched matmul per projection
-            gu = torch.bmm(self._gate_up_w[flat].to(x.dtype), xs.unsqueeze(-1)).squeeze(-1)
-            g, u = gu.chunk(2, dim=-1)
-            y = torch.bmm(self._down_w[flat].to(x.dtype), (self.act_fn(g) * u).unsqueeze(-1)).squeeze(-1) * w
-            return y.view(t, k, -1).sum(1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         xs = xs[order]
