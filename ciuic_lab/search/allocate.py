@@ -25,6 +25,7 @@ from ..quant import QuantSpec, quantize
 from ..recipe import Recipe, Rule
 from ..sites import Site
 from ..transforms import apply, revert
+from .calibrate import prepare_gptq
 from .sensitivity import SensitivityTable, fit_spec, label, units_of
 
 
@@ -168,7 +169,9 @@ def verify(model: nn.Module, tokenizer, plans: dict[str, Plan], es="standard", t
     site_list = None
     for i, (name, plan) in enumerate(plans.items()):
         site_list = site_list or list(plan.sites.values())
-        apply(model, plan)
+        cache: dict = {}
+        prepare_gptq(model, tokenizer, plan, cache)  # error-compensated sites are calibrated first
+        apply(model, plan, cache=cache)
         try:
             rep = compare(base, snapshot(model, tokenizer, es, timing=timing), model, site_list)
         finally:

@@ -14,7 +14,13 @@ from ..sites import sites as list_sites
 from .allocate import allocate, kernel_latency, uniform, verify
 from .sensitivity import label, parse_formats, sensitivity
 
-DEFAULT_FORMATS = "int2-g64-mse,int3-g128-mse,int4-g128-mse,int8-channel-sym"
+# GPTQ with MSE-clipped group scales beats round-to-nearest at every width on held-out text, and two
+# group sizes give the allocator finer steps (docs/benchmarks.md, Search). int2 is offered only when
+# the budget needs it (below 3.5 bits per weight, or a latency budget): its errors compound far beyond
+# the sum of the single-site KLs the allocator predicts from, so at 4 bpw it makes plans worse.
+DEFAULT_FORMATS = "int3-g128-mse-gptq,int3-g64-mse-gptq,int4-g128-mse-gptq,int4-g64-mse-gptq,int8-channel-sym"
+LOW_BIT_FORMAT = "int2-g64-mse-gptq"
+LOW_BIT_BELOW_BPW = 3.5
 
 
 def add_parsers(sub, common) -> None:
@@ -33,7 +39,9 @@ def add_parsers(sub, common) -> None:
     b.add_argument("--target-bpw", type=float, help="bits per weight over the quantizable sites")
     b.add_argument("--max-bytes", type=int, help="bytes of the quantizable sites")
     b.add_argument("--max-latency-ms", type=float, help="decode ms per token on this machine's kernels")
-    p.add_argument("--formats", default=DEFAULT_FORMATS, help="candidate formats")
+    p.add_argument("--formats", default=None,
+                   help=f"candidate formats (default: {DEFAULT_FORMATS}, plus {LOW_BIT_FORMAT} below "
+                        f"{LOW_BIT_BELOW_BPW} bpw)")
     p.add_argument("--unit", default="site", choices=["site", "block", "kind", "expert"])
     p.add_argument("--evalset", default="quick", help="evaluation set for the sensitivity scan")
     p.add_argument("--verify-evalset", default="standard", help="evaluation set for the verification")
@@ -77,11 +85,23 @@ def run_sensitivity(args) -> dict[str, Any]:
     return out
 
 
+def default_formats(site_list, target_bpw: float | None, max_bytes: int | None) -> str:
+    """The default candidates for a budget: int2 joins only when the budget is tight enough to need it."""
+    bpw = target_bpw
+    if max_bytes is not None:
+        params = sum(s.params for s in site_list if not s.keep_default) or 1
+        bpw = 8.0 * max_bytes / params
+    low = bpw is None or bpw < LOW_BIT_BELOW_BPW
+    return f"{LOW_BIT_FORMAT},{DEFAULT_FORMATS}" if low else DEFAULT_FORMATS
+
+
 def run_autoplan(args) -> dict[str, Any]:
-    formats = parse_formats(args.formats)
+    if args.formats is not None:
+        parse_formats(args.formats)  # a bad label is refused before the model loads
     loaded = _load(args)
     model, tok = loaded.model, loaded.tokenizer
     site_list = list_sites(model)
+    formats = parse_formats(args.formats or default_formats(site_list, args.target_bpw, args.max_bytes))
     t0 = time.perf_counter()
     table = sensitivity(model, tok, site_list, formats, args.unit, args.evalset,
                         progress=None if args.json else _progress("sensitivity"))
@@ -103,7 +123,7 @@ def run_autoplan(args) -> dict[str, Any]:
         plan.recipe.save(args.out)
     out = {"model": loaded.name, "budget": {"target_bpw": args.target_bpw, "max_bytes": args.max_bytes,
                                             "max_latency_ms": args.max_latency_ms},
-           "solver": info, "measured": measured, "recipe": plan.recipe.to_dict(),
+           "formats": [label(f) for f in formats], "solver": info, "measured": measured, "recipe": plan.recipe.to_dict(),
            "sensitivity_seconds": table.seconds, "seconds": time.perf_counter() - t0}
     if measured["auto"]["bits_per_weight"] is None:
         raise CiuicError("the chosen plan quantizes nothing")

@@ -21,6 +21,7 @@ from ..plan import KEEP_CONFIG, Plan, SiteConfig, keep_plan
 from ..quant import QuantSpec, expected_nbytes
 from ..sites import Site
 from ..transforms import apply, revert
+from .calibrate import prepare_gptq
 
 UNITS = ("site", "block", "kind", "expert")
 
@@ -156,6 +157,11 @@ def sensitivity(model: nn.Module, tokenizer, site_list: list[Site], formats: lis
     qcache = cache if cache is not None else {}
     todo = [(u, f) for u in groups for f in formats if label(f) not in table.kl.get(u, {})]
     t0 = time.perf_counter()
+    for f in formats:  # error-compensated formats are calibrated once for every unit they will be tried on
+        if f.method == "gptq" and any(g is f for _, g in todo):
+            units = {u for u, g in todo if g is f}
+            prepare_gptq(model, tokenizer, base.with_configs(
+                {s.name: SiteConfig(fit_spec(f, s)) for u in units for s in groups[u]}), qcache)
     try:
         for i, (u, f) in enumerate(todo):
             changes = {s.name: SiteConfig(fit_spec(f, s)) for s in groups[u]}

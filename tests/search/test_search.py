@@ -97,3 +97,18 @@ def test_gptq_plan_is_prepared_and_applied(tiny, tiny_sites, ids):
     with torch.no_grad():
         assert torch.isfinite(m(ids).logits).all()
     revert(m)
+
+
+def test_gptq_formats_are_calibrated_for_the_scan_and_the_verification(tiny, tiny_sites):
+    from ciuic_lab.measure import fingerprint
+    from ciuic_lab.search import verify
+
+    m, tok, _ = tiny
+    fp = fingerprint(m)
+    formats = parse_formats("int4-g64-gptq,int4-g64")
+    t = sensitivity(m, tok, tiny_sites, formats, unit="block", es="tiny")
+    assert all(set(t.kl[u]) == {"int4-g64-gptq", "int4-g64"} for u in t.kl)
+    plan = resolve({"rules": [{"match": "attn.*", "bits": 4, "group": 64, "method": "gptq"}]}, tiny_sites)
+    out = verify(m, tok, {"gptq": plan}, es="tiny")
+    assert out["gptq"]["kl"] >= 0 and out["gptq"]["bits_per_weight"] > 4
+    assert fingerprint(m) == fp  # both leave the model as loaded
