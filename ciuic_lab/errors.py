@@ -29,3 +29,23 @@ class SafetyError(CiuicError):
     def __init__(self, message: str, report=None):
         super().__init__(message)
         self.report = report
+
+
+def out_of_memory(doing: str, device=None, needed_bytes: int | None = None) -> str:
+    """One line for running out of device memory while ``doing`` something: what was asked, what the
+    device has free, and what a user can do about it."""
+    import torch
+
+    have = ""
+    try:
+        dev = torch.device(device) if device is not None else None
+        if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(dev)
+            have = f"; {free / 2**20:,.0f} MiB free of {total / 2**20:,.0f} MiB on {dev}"
+    except Exception:  # noqa: BLE001 - the message is what matters
+        pass
+    need = f" (needs about {needed_bytes / 2**20:,.0f} MiB)" if needed_bytes else ""
+    where = f" on {device}" if device is not None and not have else ""
+    return (f"out of memory{where} while {doing}{need}{have}; nothing was changed. Accepted: free memory "
+            "(other models, tensors), fewer or smaller sites at a time, a smaller dtype, or device cpu")

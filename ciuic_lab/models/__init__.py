@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, out_of_memory
 
 ZOO = Path(__file__).parent / "zoo"
 EMBEDDED = {
@@ -198,7 +198,13 @@ def load(name_or_path: str | os.PathLike, dtype=None, device: str = "cpu", trust
     model.eval()
     model.requires_grad_(False)
     if device and str(device) != "cpu":
-        model.to(device)
+        try:
+            model.to(device)
+        except torch.OutOfMemoryError:
+            model.to("cpu")
+            need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+            del model
+            raise ModelLoadError(out_of_memory(f"loading {name!r} onto {device}", device, need)) from None
     if random_weights:
         warnings.warn(notes[0], stacklevel=2)
     return Loaded(model, tokenizer, family_of(model), name, source, random_weights, trust_remote_code,

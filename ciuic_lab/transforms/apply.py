@@ -28,7 +28,7 @@ from typing import Any, MutableMapping
 import torch
 from torch import nn
 
-from ..errors import CiuicError
+from ..errors import CiuicError, out_of_memory
 from ..kernels import REGISTRY
 from ..plan import KEEP_CONFIG, Plan, SiteConfig
 from ..quant import QTensor, dequantize, quantize
@@ -220,33 +220,57 @@ def apply(model: nn.Module, plan: Plan, cache: MutableMapping | None = None) -> 
     # Quantize first, before anything is touched: an error leaves the model as it was.
     new_q: dict[str, QTensor] = {}
     owner_sites: dict[str, list[Site]] = {}
-    for owner in owners:
-        every = [s for s in plan.sites.values() if s.module == owner]
-        owner_sites[owner] = every
-        for s in every:
-            eff = effective.get(s.name, (KEEP_CONFIG, False))
-            if eff[0].keep:
-                continue
-            if st.effective.get(s.name) == eff and s.name in st.qweights:
-                new_q[s.name] = st.qweights[s.name]
-            else:
-                new_q[s.name] = _quantize_site(model, st, s, eff[0], folds.get(s.name), cache)
-    _revert_structure(model, st)
-    for owner, every in owner_sites.items():
-        _restore_owner(model, st, owner)
-        for s in every:
-            st.qweights.pop(s.name, None)
-        if not any(_needs_swap(effective.get(s.name, (KEEP_CONFIG, False))) for s in every):
-            continue
-        _swap_owner(model, st, owner, every, plan, new_q, folds)
-    st.plan = plan
-    st.effective = {n: e for n, e in effective.items() if _needs_swap(e)}
     try:
+        for owner in owners:
+            every = [s for s in plan.sites.values() if s.module == owner]
+            owner_sites[owner] = every
+            for s in every:
+                eff = effective.get(s.name, (KEEP_CONFIG, False))
+                if eff[0].keep:
+                    continue
+                if st.effective.get(s.name) == eff and s.name in st.qweights:
+                    new_q[s.name] = st.qweights[s.name]
+                else:
+                    new_q[s.name] = _quantize_site(model, st, s, eff[0], folds.get(s.name), cache)
+    except torch.OutOfMemoryError:
+        new_q.clear()
+        raise CiuicError(out_of_memory(f"quantizing {len(changed)} changed sites", _device_of(model))) from None
+    previous = st.plan
+    try:
+        _revert_structure(model, st)
+        for owner, every in owner_sites.items():
+            _restore_owner(model, st, owner)
+            for s in every:
+                st.qweights.pop(s.name, None)
+            if not any(_needs_swap(effective.get(s.name, (KEEP_CONFIG, False))) for s in every):
+                continue
+            _swap_owner(model, st, owner, every, plan, new_q, folds)
+        st.plan = plan
+        st.effective = {n: e for n, e in effective.items() if _needs_swap(e)}
         _apply_structure(model, st, plan, folds, fold_notes)
-    except Exception:
+    except BaseException as e:
+        # half swapped: back to the weights as loaded (bit-exact), then the plan that was in force
+        new_q.clear()
         revert(model)
+        restored = previous is None
+        if previous is not None:
+            try:
+                apply(model, previous, cache)
+                restored = True
+            except Exception:  # noqa: BLE001 - the model stays as loaded; the message says so
+                revert(model)
+        if isinstance(e, torch.OutOfMemoryError):
+            msg = out_of_memory("putting the quantized weights in place", _device_of(model))
+            if not restored:
+                msg = msg.replace("nothing was changed", "the model was put back as loaded")
+            raise CiuicError(msg) from None
         raise
     return model
+
+
+def _device_of(model: nn.Module):
+    p = next(model.parameters(), None)
+    return None if p is None else p.device
 
 
 def _swap_owner(model, st: AppliedState, owner: str, every: list[Site], plan: Plan, new_q: dict[str, QTensor],

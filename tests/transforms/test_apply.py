@@ -136,3 +136,36 @@ def test_generate_runs_quantized(tiny, tiny_sites, ids):
     out = m.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 5
     revert(m)
+
+
+@pytest.mark.parametrize("phase", ["quantize", "swap"])
+def test_out_of_memory_is_one_clear_line_and_keeps_the_plan_in_force(tiny, tiny_sites, ids, monkeypatch, phase):
+    """Running out of (GPU) memory half way, in either phase, gives one line that says so and what to
+    do, and the model keeps the plan it had, bit for bit (simulated here; tests/gpu runs a real one)."""
+    import importlib
+
+    ap = importlib.import_module("ciuic_lab.transforms.apply")
+
+    m = tiny.model
+    apply(m, resolve("int8", tiny_sites))
+    before, fp = _logits(m, ids), fingerprint(m)
+    prev = state_of(m).plan
+    target = "_quantize_site" if phase == "quantize" else "_swap_owner"
+    real, calls = getattr(ap, target), []
+
+    def fail_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ap, target, fail_on_third)
+    with pytest.raises(CiuicError) as err:
+        apply(m, resolve("int4-g128", tiny_sites))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("out of memory") and "nothing was changed" in msg
+    assert "Accepted:" in msg and "device cpu" in msg
+    monkeypatch.undo()
+    assert state_of(m).plan is prev and fingerprint(m) == fp
+    assert torch.equal(_logits(m, ids), before)
+    revert(m)
