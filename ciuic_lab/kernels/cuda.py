@@ -50,7 +50,8 @@ except ImportError:  # pragma: no cover - exercised by a test that hides cffi
 HEADER = "ciuic_kernels.h"
 SOURCES = ("api.cu", "repack.cu", "wgemm_int4.cu", "wgemm_int8.cu", "wgemm_fp8.cu")
 INCLUDES = (HEADER, "wgemm.cuh")
-ARCHS = ("80", "90")
+# machine code for these (plus PTX of the last); CIUIC_CUDA_ARCHS="90" builds for one GPU only, faster
+ARCHS = tuple(os.environ.get("CIUIC_CUDA_ARCHS", "80 90").split()) or ("80", "90")
 NVCC_FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-lineinfo", "--threads", "0")
 CDEF_BEGIN, CDEF_END = "/* CDEF BEGIN */", "/* CDEF END */"
 
