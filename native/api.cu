@@ -204,7 +204,7 @@ extern "C" int ciuic_wgemm(int fmt, int dtype, const void *x, int m, int n, int 
   for (int m0 = 0; m0 < m; m0 += CIUIC_MAX_M) {
     const int mc = (m - m0) < CIUIC_MAX_M ? (m - m0) : CIUIC_MAX_M;
     const int mt = (mc + 7) / 8;
-    const int rt = mt == 1 ? 1 : 2;
+    const int rt = plain_rt(fmt, mt);
     p.m = mc;
     p.x = static_cast<const char *>(x) + static_cast<size_t>(m0) * k * 2;
     p.y = static_cast<char *>(y) + static_cast<size_t>(m0) * n * 2;

@@ -75,6 +75,21 @@ __host__ __device__ constexpr int chunk_tiles(int fmt, int rt) {
   return 8 / (rt * (fmt == CIUIC_FMT_INT4 ? 1 : 2));
 }
 
+// Row tiles per warp of the plain kernel for a batch of mt tiles of 8 rows. A warp's row tiles share
+// its x fragments; fewer of them leave more warps to share the work. Measured on an H100 (int4 g128,
+// tests/gpu/probe.sh): batch 1 is fastest with 1 (2: +12%, 4: +20%); batch 9-16 also with 1 (14%
+// faster than 2 on 7168->18432). CIUIC_I4_RT1 / CIUIC_I4_RT2 override the int4 choice for one and two
+// batch tiles (for tuning).
+#ifndef CIUIC_I4_RT1
+#define CIUIC_I4_RT1 1
+#endif
+#ifndef CIUIC_I4_RT2
+#define CIUIC_I4_RT2 1
+#endif
+__host__ __device__ constexpr int plain_rt(int fmt, int mt) {
+  return fmt == CIUIC_FMT_INT4 && mt <= 2 ? (mt == 1 ? CIUIC_I4_RT1 : CIUIC_I4_RT2) : (mt == 1 ? 1 : 2);
+}
+
 // ------------------------------------------------------------------------------------------ PTX
 __device__ __forceinline__ uint4 ld_stream(const uint4 *p) {
   uint4 v;
@@ -844,10 +859,10 @@ cudaError_t launch_moe_fp8(bool bf16, int mode, CIUIC_LAUNCH_ARGS);
   template <bool BF16>                                                                                 \
   static cudaError_t plain_##NAME(int mt, CIUIC_LAUNCH_ARGS) {                                         \
     switch (mt) {                                                                                      \
-      case 1: return launch_wgemm<FMT, BF16, 1, 1, PLAIN>(p, grid, rq, s);                             \
-      case 2: return launch_wgemm<FMT, BF16, 2, 2, PLAIN>(p, grid, rq, s);                             \
-      case 3: return launch_wgemm<FMT, BF16, 3, 2, PLAIN>(p, grid, rq, s);                             \
-      default: return launch_wgemm<FMT, BF16, 4, 2, PLAIN>(p, grid, rq, s);                            \
+      case 1: return launch_wgemm<FMT, BF16, 1, plain_rt(FMT, 1), PLAIN>(p, grid, rq, s);              \
+      case 2: return launch_wgemm<FMT, BF16, 2, plain_rt(FMT, 2), PLAIN>(p, grid, rq, s);              \
+      case 3: return launch_wgemm<FMT, BF16, 3, plain_rt(FMT, 3), PLAIN>(p, grid, rq, s);              \
+      default: return launch_wgemm<FMT, BF16, 4, plain_rt(FMT, 4), PLAIN>(p, grid, rq, s);             \
     }                                                                                                  \
   }                                                                                                    \
   cudaError_t launch_plain_##NAME(bool bf16, int mt, CIUIC_LAUNCH_ARGS) {                              \
