@@ -26,7 +26,7 @@ from ..recipe import Recipe, Rule
 from ..sites import Site
 from ..transforms import apply, revert
 from .calibrate import prepare_gptq
-from .sensitivity import SensitivityTable, fit_spec, label, units_of
+from .sensitivity import KLProbe, SensitivityTable, fit_spec, label, units_of
 
 
 def _solve(kl: dict[str, dict[str, float]], cost: dict[str, dict[str, float]], budget: float) -> dict[str, str]:
@@ -154,10 +154,99 @@ def allocate(site_list: list[Site], table: SensitivityTable, target_bpw: float |
     predicted = sum(kl[u][choice[u]] for u in kl)
     used = sum(cost[u][choice[u]] for u in kl)
     info = {"predicted_kl": predicted, "budget": budget, "used": used,
-            "formats": {f: sum(1 for c in choice.values() if c == f) for f in set(choice.values())}}
+            "formats": {f: sum(1 for c in choice.values() if c == f) for f in set(choice.values())},
+            "choice": choice, "kl": kl, "cost": cost}
     if max_latency_ms is not None:
         info["predicted_latency_ms"] = used + (max_latency_ms - budget)
     return plan, info
+
+
+def refine(model: nn.Module, tokenizer, site_list: list[Site], table: SensitivityTable, info: dict[str, Any],
+           es="quick", cache: dict | None = None, rounds: int = 3, tries: int = 6,
+           progress: Callable[[int, int], None] | None = None) -> tuple[Plan, dict[str, Any]]:
+    """Improve an allocation on measured KL, where the sum of single-unit sensitivities is wrong.
+
+    Units interact (the KL of a plan is well above the sum of its units' KLs once many are quantized),
+    so the solver's plan is refined around itself: each round measures, *in the context of the whole
+    plan*, what moving each unit one format up (better, dearer) or down (cheaper) does; pairs the
+    upgrades with the fewest-KL downgrades that pay for them within the budget; measures the most
+    promising exchanges and keeps the best one that lowers the measured KL. The result never costs
+    more than the budget and never measures worse than the solver's plan on ``es``.
+    """
+    kl, cost, budget = info["kl"], info["cost"], info["budget"]
+    choice = dict(info["choice"])
+    probe = KLProbe(model, tokenizer, es)
+    cache = cache if cache is not None else {}
+    t0 = time.perf_counter()
+    evals = 0
+
+    def measure(ch: dict[str, str]) -> float:
+        nonlocal evals
+        apply(model, plan_from_choice(site_list, table, ch, "auto"), cache=cache)
+        evals += 1
+        return probe.kl()
+
+    def moves(u: str) -> tuple[str | None, str | None]:
+        c0, k0 = cost[u][choice[u]], kl[u][choice[u]]
+        dearer = [f for f in kl[u] if cost[u][f] > c0 and kl[u][f] < k0]
+        cheaper = [f for f in kl[u] if cost[u][f] < c0]
+        up = min(dearer, key=lambda f: (cost[u][f], kl[u][f])) if dearer else None
+        down = min(cheaper, key=lambda f: (kl[u][f], -cost[u][f])) if cheaper else None
+        return up, down
+
+    history = []
+    try:
+        current = start = measure(choice)
+        for rnd in range(rounds):
+            spent = sum(cost[u][choice[u]] for u in choice)
+            ups, downs = {}, {}
+            units = list(choice)
+            for i, u in enumerate(units):
+                up, down = moves(u)
+                if up is not None:
+                    ups[u] = (current - measure({**choice, u: up}), cost[u][up] - cost[u][choice[u]], up)
+                if down is not None:
+                    downs[u] = (measure({**choice, u: down}) - current, cost[u][choice[u]] - cost[u][down], down)
+                if progress:
+                    progress(rnd * len(units) + i + 1, rounds * len(units))
+            cands = []
+            order_down = sorted(downs, key=lambda u: downs[u][0] / max(downs[u][1], 1e-9))
+            for u, (gain, extra, f_up) in sorted(ups.items(), key=lambda kv: -kv[1][0] / max(kv[1][1], 1e-9)):
+                if gain <= 0:
+                    continue
+                need = spent + extra - budget * (1 + 1e-9)
+                change, loss = {u: f_up}, 0.0
+                for d in order_down:
+                    if need <= 0:
+                        break
+                    if d == u:
+                        continue
+                    change[d] = downs[d][2]
+                    loss += downs[d][0]
+                    need -= downs[d][1]
+                if need <= 0 and gain - loss > 0:
+                    cands.append((gain - loss, change))
+            cands.sort(key=lambda c: -c[0])
+            best = None
+            for predicted, change in cands[:tries]:
+                k = measure({**choice, **change})
+                if k < current and (best is None or k < best[0]):
+                    best = (k, change, predicted)
+            if best is None:
+                history.append({"round": rnd + 1, "measured_kl": current, "accepted": None})
+                break
+            choice.update(best[1])
+            history.append({"round": rnd + 1, "measured_kl": best[0], "was": current, "predicted_gain": best[2],
+                            "changed": {u: f for u, f in best[1].items()}})
+            current = best[0]
+    finally:
+        revert(model)
+    plan = plan_from_choice(site_list, table, choice, "auto")
+    used = sum(cost[u][choice[u]] for u in choice)
+    out = {"measured_kl_before": start, "measured_kl_after": current, "evalset": getattr(es, "name", es),
+           "rounds": history, "evaluations": evals, "seconds": time.perf_counter() - t0, "used": used,
+           "formats": {f: sum(1 for c in choice.values() if c == f) for f in set(choice.values())}, "choice": choice}
+    return plan, out
 
 
 def verify(model: nn.Module, tokenizer, plans: dict[str, Plan], es="standard", timing: bool = False,

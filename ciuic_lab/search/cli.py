@@ -11,7 +11,7 @@ from ..errors import CiuicError
 from ..models import load
 from ..quant import QuantSpec
 from ..sites import sites as list_sites
-from .allocate import allocate, kernel_latency, uniform, verify
+from .allocate import allocate, kernel_latency, refine, uniform, verify
 from .sensitivity import label, parse_formats, sensitivity
 
 # GPTQ with MSE-clipped group scales beats round-to-nearest at every width on held-out text, and two
@@ -45,6 +45,8 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--unit", default="site", choices=["site", "block", "kind", "expert"])
     p.add_argument("--evalset", default="quick", help="evaluation set for the sensitivity scan")
     p.add_argument("--verify-evalset", default="standard", help="evaluation set for the verification")
+    p.add_argument("--refine", type=int, default=1,
+                   help="rounds of refinement on measured KL after the solver (0: the solver's plan as it is)")
     p.add_argument("--compare", default="", help="uniform formats to verify beside the auto plan (labels)")
     p.add_argument("--out", default=None, help="write the chosen recipe to this JSON file")
     p.set_defaults(func=run_autoplan)
@@ -96,6 +98,8 @@ def default_formats(site_list, target_bpw: float | None, max_bytes: int | None) 
 
 
 def run_autoplan(args) -> dict[str, Any]:
+    if args.refine < 0:
+        raise CiuicError(f"--refine {args.refine}: accepted: 0 (none) or a number of rounds")
     if args.formats is not None:
         parse_formats(args.formats)  # a bad label is refused before the model loads
     loaded = _load(args)
@@ -103,8 +107,9 @@ def run_autoplan(args) -> dict[str, Any]:
     site_list = list_sites(model)
     formats = parse_formats(args.formats or default_formats(site_list, args.target_bpw, args.max_bytes))
     t0 = time.perf_counter()
+    qcache: dict = {}  # quantized (and GPTQ-calibrated) weights, shared by the scan and the refinement
     table = sensitivity(model, tok, site_list, formats, args.unit, args.evalset,
-                        progress=None if args.json else _progress("sensitivity"))
+                        progress=None if args.json else _progress("sensitivity"), cache=qcache)
     lat = base_ms = None
     if args.max_latency_ms is not None:
         from ..measure import snapshot
@@ -113,6 +118,14 @@ def run_autoplan(args) -> dict[str, Any]:
         base_ms = snapshot(model, tok, "quick", timing=True).decode_ms
     plan, info = allocate(site_list, table, target_bpw=args.target_bpw, max_bytes=args.max_bytes,
                           max_latency_ms=args.max_latency_ms, latency=lat, base_latency_ms=base_ms)
+    refined = None
+    if args.refine and args.max_latency_ms is None:
+        plan, refined = refine(model, tok, site_list, table, info, es=args.evalset, cache=qcache, rounds=args.refine,
+                               progress=None if args.json else _progress("refine"))
+        info["formats"] = refined["formats"]
+        refined = {k: v for k, v in refined.items() if k != "choice"}
+    info = {k: v for k, v in info.items() if k not in ("kl", "cost", "choice")}
+    qcache.clear()
     plans = {"auto": plan}
     for lab in [x for x in args.compare.split(",") if x]:
         spec: QuantSpec = parse_formats(lab)[0]
@@ -123,12 +136,16 @@ def run_autoplan(args) -> dict[str, Any]:
         plan.recipe.save(args.out)
     out = {"model": loaded.name, "budget": {"target_bpw": args.target_bpw, "max_bytes": args.max_bytes,
                                             "max_latency_ms": args.max_latency_ms},
-           "formats": [label(f) for f in formats], "solver": info, "measured": measured, "recipe": plan.recipe.to_dict(),
+           "formats": [label(f) for f in formats], "solver": info, "refined": refined, "measured": measured,
+           "recipe": plan.recipe.to_dict(),
            "sensitivity_seconds": table.seconds, "seconds": time.perf_counter() - t0}
     if measured["auto"]["bits_per_weight"] is None:
         raise CiuicError("the chosen plan quantizes nothing")
     if not args.json:
         print(f"auto plan: predicted KL {info['predicted_kl']:.4f}, formats {info['formats']}")
+        if refined:
+            print(f"  refined on measured KL ({refined['evalset']}): {refined['measured_kl_before']:.4f} -> "
+                  f"{refined['measured_kl_after']:.4f} in {refined['evaluations']} evaluations")
         for name, m in measured.items():
             print(f"  {name:<22} bpw {m['bits_per_weight']:.3f}  KL {m['kl']:.4f}  top-1 {m['top1_agreement']:.3f}  "
                   f"ppl {m['perplexity']:.3f}")

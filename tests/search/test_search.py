@@ -74,6 +74,33 @@ def test_autoplan_meets_its_budget_and_is_verified(capsys):
     assert out["measured"]["int3-g128"]["bits_per_weight"] > 3.0
     assert out["solver"]["used"] <= out["solver"]["budget"] + 1e-6
     assert out["recipe"]["rules"]
+    ref = out["refined"]  # one round by default: never dearer than the budget, never worse measured
+    assert ref["used"] <= out["solver"]["budget"] + 1e-6
+    assert ref["measured_kl_after"] <= ref["measured_kl_before"] and ref["evaluations"] > 1
+
+
+def test_refine_lowers_measured_kl_within_the_budget(tiny, tiny_sites, capsys):
+    """Where units interact, the refinement finds an exchange the additive solver cannot see, keeps
+    the budget, and the model is left as loaded."""
+    from ciuic_lab.measure import fingerprint
+    from ciuic_lab.search import refine
+
+    m, tok, _ = tiny
+    fp = fingerprint(m)
+    fs = parse_formats("int2-g64,int3-g64,int4-g64")
+    table = sensitivity(m, tok, tiny_sites, fs, unit="block", es="tiny")
+    plan, info = allocate(tiny_sites, table, target_bpw=3.0, allow_keep=False)
+    rplan, out = refine(m, tok, tiny_sites, table, info, es="tiny", rounds=2)
+    assert out["used"] <= info["budget"] + 1e-6
+    assert out["measured_kl_after"] <= out["measured_kl_before"]
+    assert all(r["accepted"] is None or r["measured_kl"] < r["was"] for r in out["rounds"] if "accepted" in r)
+    assert fingerprint(m) == fp
+    assert set(rplan.quantized()) == set(plan.quantized())
+
+    from ciuic_lab.cli import main
+
+    assert main(["autoplan", "--model", "tiny-deepseek-random", "--target-bpw", "3.0", "--refine", "-1", "--json"]) == 2
+    assert "--refine -1: accepted: 0 (none) or a number of rounds" in capsys.readouterr().err
 
 
 def test_attribution_shares(tiny, tiny_sites):
