@@ -654,7 +654,8 @@ class Session:
 
     # ------------------------------------------------------------------------------ evaluation
     def _pristine(self, plan: Plan) -> bool:
-        return not plan.quantized() and not any(plan.recipe.fusions.values()) and plan.recipe.kv_cache == "expanded"
+        # "latent" is the recipe's default, the form apply leaves as loaded; "expanded" swaps in FusedMLA
+        return not plan.quantized() and not any(plan.recipe.fusions.values()) and plan.recipe.kv_cache == "latent"
 
     def _report_for(self, plan: Plan, cand: Snapshot, errors: dict[str, Any] | None = None) -> dict[str, Any]:
         rep = compare(self.baseline, cand)
@@ -755,12 +756,14 @@ class Session:
         return out
 
     def _site_errors(self, plan: Plan) -> dict[str, Any]:
-        """Relative output error per quantized site; cached by (site, spec): it depends on nothing else."""
+        """Relative output error per quantized site; cached by (site, spec, folded): it depends on nothing else
+        (``norm_fold`` changes the weight a site quantizes)."""
         out: dict[str, Any] = {}
         missing: list[Site] = []
+        effective = state_of(self.model).effective
+        key = {n: (n, plan.configs[n].spec, bool(effective.get(n, (None, False))[1])) for n in plan.quantized()}
         for n in plan.quantized():
-            key = (n, plan.configs[n].spec)
-            hit = self._site_err.get(key)
+            hit = self._site_err.get(key[n])
             if hit is None:
                 missing.append(self._by_name[n])
             else:
@@ -769,7 +772,7 @@ class Session:
             fresh = site_errors(self.model, missing, self.baseline.site_inputs)
             for s in missing:
                 if s.name in fresh:
-                    self._site_err[(s.name, plan.configs[s.name].spec)] = fresh[s.name]
+                    self._site_err[key[s.name]] = fresh[s.name]
                     out[s.name] = fresh[s.name]
         return {n: out[n] for n in plan.quantized() if n in out}
 
