@@ -16,7 +16,7 @@ from torch import nn
 from ..plan import DTYPE_BYTES, Plan
 from ..quant import dequantize
 from ..sites import Site
-from ..transforms.apply import loaded_module, loaded_weight, state_of
+from ..transforms.apply import _norm_scale, fold_sources, loaded_module, loaded_weight, state_of
 from .snapshot import Snapshot
 
 
@@ -81,6 +81,7 @@ def site_errors(model: nn.Module, site_list: list[Site], captured: dict[str, Any
     """
     st = state_of(model)
     out: dict[str, dict[str, Any]] = {}
+    folds = fold_sources(model, st.plan)[0] if st.plan is not None else {}
     for s in site_list:
         qt = st.qweights.get(s.name)
         if qt is None:
@@ -88,6 +89,14 @@ def site_errors(model: nn.Module, site_list: list[Site], captured: dict[str, Any
         w = loaded_weight(model, st, s).detach().float().cpu()
         wq = dequantize(qt, torch.float32).reshape(w.shape).cpu()
         x = _site_input(model, st, s, captured)
+        fold = folds.get(s.name) if st.effective.get(s.name, (None, False))[1] else None
+        if fold:
+            # a folded site quantized W * gamma and sees the normed input without gamma: compare the two
+            # on that footing, so the error is the quantization's alone (x W^T is unchanged)
+            gamma = _norm_scale(model, st, fold).detach().float().cpu()
+            w = w * gamma
+            if x is not None and x.numel():
+                x = torch.where(gamma != 0, x / torch.where(gamma != 0, gamma, torch.ones_like(gamma)), torch.zeros_like(x))
         if x is None or x.numel() == 0 or w.dim() < 2:
             err = float((wq - w).norm() / w.norm().clamp_min(1e-30))
             out[s.name] = {"kind": s.kind, "block": s.block, "rel_error": err, "basis": "weight", "rows": 0}

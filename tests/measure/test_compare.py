@@ -61,3 +61,29 @@ def test_safe_optimize_accepts_and_refuses(tiny):
         safe_optimize(m, tok, "int2-g64", max_kl=1e-6, es="tiny", timing=False)
     assert e.value.report["safe"]["restored_bit_exact"] is True
     assert fingerprint(m) == fp
+
+
+def test_site_error_of_a_folded_site_is_its_quantization_error_alone():
+    """With norm_fold, a site quantizes W * gamma and sees the normed input without gamma; its reported
+    error must be that of the quantization (small at int8), not the gap between W * gamma and W."""
+    import ciuic_lab as cl
+    from ciuic_lab.measure import snapshot
+    from ciuic_lab.measure.compare import site_errors
+
+    try:
+        loaded = cl.load("tiny-deepseek")
+    except cl.errors.CiuicError:
+        pytest.skip("the trained embedded model is not installed")
+    m, tok = loaded.model, loaded.tokenizer
+    sites = cl.sites(m)
+    q_a = next(s for s in sites if s.name.endswith("layers.1.self_attn.q_a_proj"))
+    base = snapshot(m, tok, "tiny", timing=False, capture=[q_a])
+    errs = {}
+    for fold in (False, True):
+        plan = cl.resolve({"rules": [{"match": q_a.name, "bits": 8, "group": "channel"}], "fusions": {"norm_fold": fold}}, sites)
+        cl.apply(m, plan)
+        try:
+            errs[fold] = site_errors(m, [q_a], base.site_inputs)[q_a.name]["rel_error"]
+        finally:
+            cl.revert(m)
+    assert errs[False] < 0.01 and errs[True] < 0.01, errs
