@@ -7,13 +7,18 @@
   into what reads it (dense gate/up; in MoE blocks the router, the shared expert and every routed expert),
   before quantization, so quantized sites quantize the folded weight.
 - ``mla_absorb``: ``kv_b_proj`` absorbed into the query and output paths for decode (DeepSeek's own
-  inference trick): attention runs on the cached latent and nothing is expanded per step.
+  inference trick): attention runs on the cached latent and nothing is expanded per step. Where it is no
+  larger, ``W_uk`` is composed with a dense ``q_b_proj`` at apply time (one query product per step); the
+  heads attend to the shared latent as rows of one batched product, and the rotary embedding of query and
+  key is one product with a signed permutation (bit for bit transformers' rotary).
 - ``moe_grouped``: the routed experts of one layer computed as one grouped call over the selected tokens.
 - ``kv_cache``: ``latent`` caches the compressed latent and rotary key (576 values a token and layer in
   DeepSeek-V3), ``expanded`` caches full per-head keys and values.
 
 Stacking quantized projections is exact because quantization is row-wise (groups run along K): the
-stacked weight holds the very same codes, scales and zero points.
+stacked weight holds the very same codes, scales and zero points. Dense weights that a fusion creates
+(stacked, composed) are stored K-major on the CPU (:func:`gemv_layout`), the layout a one-row product reads
+fastest; the loaded weights themselves are never copied or changed.
 """
 
 from __future__ import annotations
@@ -39,8 +44,8 @@ def stack_linears(mods: list[nn.Module]) -> tuple[nn.Module | None, str]:
         if any(m.bias is not None for m in mods):
             return None, "a projection has a bias"
         w = torch.cat([m.weight.detach() for m in mods], dim=0)
-        out = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-        out.weight = nn.Parameter(w, requires_grad=False)
+        out = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta", dtype=w.dtype)
+        out.weight = nn.Parameter(gemv_layout(w), requires_grad=False)
         return out, ""
     if all(isinstance(m, QuantLinear) for m in mods):
         specs = {m.qt.spec for m in mods}
@@ -58,6 +63,19 @@ def stack_linears(mods: list[nn.Module]) -> tuple[nn.Module | None, str]:
     return None, "one is quantized and the other is not"
 
 
+def gemv_layout(w: torch.Tensor) -> torch.Tensor:
+    """The same ``[N, K]`` weight, stored K-major on the CPU (a transposed view of a ``[K, N]`` tensor).
+
+    A decode step multiplies one row by each weight; on the CPU that product reads a K-major weight
+    row by row along N (vectorized, streamed) rather than as N short dot products, which is markedly
+    faster for the small K of these projections. Only for weights a fusion creates (stacked or composed),
+    so nothing is stored twice; values are identical, only the summation order of the product changes.
+    """
+    if w.device.type != "cpu" or w.dim() < 2:
+        return w
+    return w.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 class StackedLinear(nn.Module):
     """Runs one stacked projection and splits its output."""
 
@@ -67,7 +85,7 @@ class StackedLinear(nn.Module):
         self.sizes = sizes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return torch.split(self.fused(x), self.sizes, dim=-1)
+        return self.fused(x).split_with_sizes(self.sizes, -1)
 
 
 # ------------------------------------------------------------------ MLP
@@ -80,10 +98,17 @@ class FusedGateUpMLP(nn.Module):
         self.down_proj = mlp.down_proj
         self.act_fn = mlp.act_fn
         self.inter = mlp.gate_proj.out_features
+        self._silu = is_silu(mlp.act_fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.gate_up(x).split(self.inter, dim=-1)
-        return self.down_proj(self.act_fn(g) * u)
+        g, u = self.gate_up(x).split_with_sizes([self.inter, self.inter], -1)
+        h = F.silu(g) * u if self._silu else self.act_fn(g) * u
+        return self.down_proj(h)
+
+
+def is_silu(act: nn.Module) -> bool:
+    """Whether ``act`` is SiLU (torch's or transformers'), so ``F.silu`` may stand for its call."""
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 # ------------------------------------------------------------------ norms and MoE
@@ -116,25 +141,28 @@ class FusedMoE(nn.Module):
         self.experts, self.gate, self.shared_experts = moe.experts, moe.gate, moe.shared_experts
         g = moe.gate
         self.simple_router = getattr(g, "num_group", 1) == 1 and getattr(g, "topk_group", 1) == 1
+        self.top_k, self.norm_topk_prob = g.top_k, bool(g.norm_topk_prob)
+        self.scale = float(g.routed_scaling_factor)
 
     def _route(self, h: torch.Tensor):
         g = self.gate
         if not self.simple_router:
             _, w, idx = g(h)
             return w, idx
-        scores = F.linear(h.float(), g.weight.float()).sigmoid()
-        idx = torch.topk(scores + g.e_score_correction_bias, k=g.top_k, dim=-1, sorted=False)[1]
+        wr = g.weight
+        scores = F.linear(h if h.dtype == torch.float32 else h.float(),
+                          wr if wr.dtype == torch.float32 else wr.float()).sigmoid()
+        idx = torch.topk(scores + g.e_score_correction_bias, k=self.top_k, dim=-1, sorted=False).indices
         w = scores.gather(1, idx)
-        if g.norm_topk_prob:
+        if self.norm_topk_prob:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return w * g.routed_scaling_factor, idx
+        return (w if self.scale == 1.0 else w * self.scale), idx  # (x * 1.0 is x)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         h = hidden_states.reshape(-1, shape[-1])
         w, idx = self._route(h)
-        out = self.experts(h, idx, w).view(*shape)
-        return out + self.shared_experts(hidden_states)
+        return self.experts(h, idx, w).view(shape) + self.shared_experts(hidden_states)
 
 
 # ------------------------------------------------------------------ MLA
@@ -172,12 +200,39 @@ class FusedMLA(nn.Module):
         self.kv_cache = kv_cache
         self._rope = _rope_fns(attn)
         self.is_causal = True
+        self._interleave = bool(getattr(cfg, "rope_interleave", False))
         if absorb:
             w = self.kv_b_proj.qt if isinstance(self.kv_b_proj, QuantLinear) else self.kv_b_proj.weight
             w = dequantize(w) if isinstance(w, QTensor) else w.detach()
             w = w.view(self.num_heads, self.dn + self.dv, self.kv_lora_rank)
-            self.register_buffer("w_uk", w[:, : self.dn].contiguous(), persistent=False)  # [H, dn, r]
-            self.register_buffer("w_uv", w[:, self.dn:].contiguous(), persistent=False)   # [H, dv, r]
+            w_q = self._absorbed_query_weight(w[:, : self.dn])
+            self.register_buffer("w_q", w_q, persistent=False)  # [H*(r+dr), q_lora_rank] or None
+            self.register_buffer("w_uk", None if w_q is not None else w[:, : self.dn].contiguous(),
+                                 persistent=False)                                 # [H, dn, r]
+            self.register_buffer("w_uv", gemv_layout(w[:, self.dn:]), persistent=False)   # [H, dv, r]
+            # the rotary embedding as one product with a fixed signed permutation (see rope_matrix)
+            self.register_buffer("rope_mat", rope_matrix(self.dr, self._interleave, w.dtype), persistent=False)
+
+    def _absorbed_query_weight(self, w_uk: torch.Tensor) -> torch.Tensor | None:
+        """``W_uk^T`` composed with the no-rope rows of ``q_b_proj`` (and the rope rows after them), with
+        ``q_a_layernorm``'s scale folded in: one projection from the normalized query latent straight to the
+        absorbed query ``[H*r | H*dr]``, made once here in float64 and rounded once.
+
+        Only where it is no larger than the two products it replaces (so decode reads no more bytes) and
+        ``q_b_proj`` is a dense, bias-free ``nn.Linear``; a quantized one keeps its quantized product.
+        """
+        qb, qn = self.q_b_proj, self.q_a_layernorm
+        if self.q_lora_rank is None or type(qb) is not nn.Linear or qb.bias is not None or type(qn) is not FastRMSNorm:
+            return None
+        H, dn, dr, r, k = self.num_heads, self.dn, self.dr, self.kv_lora_rank, self.q_lora_rank
+        if H * (r + dr) * k > H * (dn + dr) * k + H * dn * r:
+            return None
+        wq = qb.weight.detach().double().view(H, dn + dr, k)
+        w_lat = torch.matmul(w_uk.double().transpose(1, 2), wq[:, :dn])  # [H, r, k]
+        w = torch.cat([w_lat.reshape(H * r, k), wq[:, dn:].reshape(H * dr, k)])
+        if qn.weight is not None:
+            w = w * qn.weight.detach().double()
+        return gemv_layout(w.to(qb.weight.dtype))
 
     def _expand(self, c: torch.Tensor, k_rot: torch.Tensor):
         b, _, s, _ = c.shape
@@ -198,6 +253,8 @@ class FusedMLA(nn.Module):
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
         b, q_len, _ = hidden_states.shape
+        if self.absorb and q_len <= 4 and self.kv_cache == "latent":
+            return self._forward_absorbed(hidden_states, position_embeddings, attention_mask, past_key_values), None
         if self.qkv_a is not None:
             q_lat, ckv = self.qkv_a(hidden_states)
         else:
@@ -221,11 +278,8 @@ class FusedMLA(nn.Module):
         else:
             if past_key_values is not None:
                 c, k_rot = past_key_values.update(c, k_rot, self.layer_idx)
-            if self.absorb and q_len <= 4:
-                out = self._attend_absorbed(q_nope, q_rot, c, k_rot, attention_mask)
-            else:
-                k, v = self._expand(c, k_rot)
-                out = self._attend(torch.cat([q_nope, q_rot], dim=-1), k, v, attention_mask)
+            k, v = self._expand(c, k_rot)
+            out = self._attend(torch.cat([q_nope, q_rot], dim=-1), k, v, attention_mask)
         out = out.transpose(1, 2).reshape(b, q_len, self.num_heads * self.dv)
         return self.o_proj(out), None
 
@@ -240,14 +294,128 @@ class FusedMLA(nn.Module):
         p = self._softmax(torch.matmul(q, k.transpose(2, 3)) * self.scaling, mask, q.shape[-2], s)
         return torch.matmul(p, v)
 
-    def _attend_absorbed(self, q_nope, q_rot, c, k_rot, mask):
-        # scores = (W_uk^T q_nope) . c + q_rot . k_rot ; out = W_uv (P . c)
-        q_lat = torch.einsum("bhqd,hdr->bhqr", q_nope, self.w_uk.to(q_nope.dtype))
+    def _forward_absorbed(self, x, position_embeddings, mask, past_key_values):
+        """Decode (a few tokens): attention on the latent, with every step's work reduced to a few products.
+
+        Same maths as the expanded path: ``scores = (W_uk^T q_nope) . c + q_rot . k_rot``,
+        ``out = W_uv (P . c)``; the heads of a step are laid out as rows of one batched product against
+        the shared latent (MQA-like), and the rotary embedding is one product with a signed permutation.
+        """
+        b, q, _ = x.shape
+        H, dn, dr, r = self.num_heads, self.dn, self.dr, self.kv_lora_rank
+        if self.qkv_a is not None:
+            q_lat, ckv = self.qkv_a(x)
+        else:
+            q_lat = self.q_a_proj(x) if self.q_lora_rank is not None else None
+            ckv = self.kv_a_proj_with_mqa(x)
+        c, k_rot = ckv.split_with_sizes([r, dr], -1)
+        c = _rms(self.kv_a_layernorm, c).view(b, 1, q, r)
+        w_q = self.w_q
+        if w_q is not None:  # the absorbed query in one product: [b, q, H*r | H*dr]
+            ql, q_rot = F.linear(_rms(self.q_a_layernorm, q_lat, False), w_q).split_with_sizes([H * r, H * dr], -1)
+            q_rot = q_rot.view(b, q, H, dr)
+        else:
+            qh = self.q_b_proj(_rms(self.q_a_layernorm, q_lat)) if self.q_lora_rank is not None else self.q_proj(x)
+            q_nope, q_rot = qh.view(b, q, H, dn + dr).split_with_sizes([dn, dr], -1)
+        # rotary embedding of the H query heads and the shared key in one go: [b, q, H + 1, dr]
+        rot = torch.cat([q_rot, k_rot.view(b, q, 1, dr)], dim=2)
+        rot = rotary(rot, self._mat(self.rope_mat, rot.dtype), self._rope_cs(position_embeddings, rot.dtype))
+        q_rot, k_rot = rot.split_with_sizes([H, 1], 2)
+        k_rot = k_rot.transpose(1, 2)  # [b, 1, q, dr]
+        if past_key_values is not None:
+            c, k_rot = past_key_values.update(c, k_rot, self.layer_idx)
         s = c.shape[-2]
-        scores = torch.matmul(q_lat, c.transpose(2, 3)) + torch.matmul(q_rot, k_rot.transpose(2, 3))
-        p = self._softmax(scores * self.scaling, mask, q_nope.shape[-2], s)
-        o_lat = torch.matmul(p, c)
-        return torch.einsum("bhqr,hvr->bhqv", o_lat, self.w_uv.to(o_lat.dtype))
+        c, k_rot = c.view(b, s, r), k_rot.view(b, s, dr)
+        # absorbed query, heads as rows: [b, H*q, r]
+        if w_q is not None:
+            ql = ql.view(b, q, H, r).transpose(1, 2).reshape(b, H * q, r)
+        else:
+            ql = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, b * q, dn), self._mat(self.w_uk, q_nope.dtype))
+            ql = ql.view(H, b, q, r).transpose(0, 1).reshape(b, H * q, r)
+        qr = q_rot.transpose(1, 2).reshape(b, H * q, dr)
+        scores = torch.baddbmm(torch.bmm(qr, k_rot.mT), ql, c.mT, beta=self.scaling, alpha=self.scaling)
+        scores = scores.view(b, H, q, s)
+        m = self._mask(mask, q, s, scores.device, scores.dtype)
+        if m is not None:
+            scores = scores + m
+        p = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if p.dtype != c.dtype:
+            p = p.to(c.dtype)
+        o = torch.bmm(p.view(b, H * q, s), c)  # [b, H*q, r]
+        o = torch.bmm(o.view(b, H, q, r).transpose(0, 1).reshape(H, b * q, r), self._mat(self.w_uv, o.dtype).mT)
+        return self.o_proj(o.view(H, b, q, self.dv).permute(1, 2, 0, 3).reshape(b, q, H * self.dv))
+
+    @staticmethod
+    def _mat(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return w if w.dtype == dtype else w.to(dtype)
+
+    _cs: tuple = ()  # (cos, sin, key, [cos | sin]) of the last step, read and written as one
+
+    def _rope_cs(self, position_embeddings, dtype) -> torch.Tensor:
+        """``[cos | sin]`` in the layout ``rope_mat`` produces, ``[b, q, 1, 2 dr]``; built once per step.
+
+        Every layer of a step receives the very same ``(cos, sin)`` tensors, so the last one is kept
+        (on the class; the entry holds the tensors themselves, so their identity cannot be reused, and
+        their version counters, so a tensor changed in place is not mistaken for the one seen).
+        """
+        cos, sin = position_embeddings
+        e = FusedMLA._cs
+        key = (cos._version, sin._version, self._interleave, dtype)
+        if e and e[0] is cos and e[1] is sin and e[2] == key:
+            return e[3]
+        cs = rope_cos_sin(cos, sin, self._interleave, dtype)
+        FusedMLA._cs = (cos, sin, key, cs)
+        return cs
+
+
+def rope_cos_sin(cos: torch.Tensor, sin: torch.Tensor, interleave: bool, dtype: torch.dtype) -> torch.Tensor:
+    """``[cos | sin]`` (``[b, q, 1, 2 dr]``) to multiply ``x @ rope_matrix(dr, interleave)`` with."""
+    if interleave:  # transformers uses the first half of cos and sin for both halves
+        h = cos.shape[-1] // 2
+        cos, sin = cos[..., :h], sin[..., :h]
+        cs = torch.cat([cos, cos, sin, sin], dim=-1)
+    else:
+        cs = torch.cat([cos, sin], dim=-1)
+    return cs.to(dtype).unsqueeze(2)
+
+
+def rotary(x: torch.Tensor, mat: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """transformers' rotary embedding of ``x [b, q, heads, dr]``: ``(x @ mat) * cs``, its two halves summed."""
+    dr = x.shape[-1]
+    return torch.matmul(x, mat).mul_(cs).view(*x.shape[:-1], 2, dr).sum(-2)
+
+
+def rope_matrix(dr: int, interleave: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``M [dr, 2 dr]`` such that ``(x @ M) * [cos | sin]`` summed over its two halves is transformers' rotary
+    embedding of ``x`` (``apply_rotary_pos_emb`` or, with ``interleave``, ``apply_rotary_pos_emb_interleave``).
+
+    Each column of ``M`` has one entry, +1 or -1, so ``x @ M`` is a signed permutation of ``x`` and exact;
+    the products with cos and sin and their sums are then the very ones transformers computes.
+    """
+    h = dr // 2
+    m = torch.zeros(dr, 2 * dr, dtype=torch.float64)
+    j = torch.arange(h)
+    if interleave:  # out[:h] = x[0::2] cos - x[1::2] sin ; out[h:] = x[1::2] cos + x[0::2] sin
+        m[2 * j, j] = 1
+        m[2 * j + 1, h + j] = 1
+        m[2 * j + 1, dr + j] = -1
+        m[2 * j, dr + h + j] = 1
+    else:  # x cos + rotate_half(x) sin, rotate_half(x) = [-x[h:], x[:h]]
+        m[torch.arange(dr), torch.arange(dr)] = 1
+        m[h + j, dr + j] = -1
+        m[j, dr + h + j] = 1
+    return m.to(dtype)
+
+
+def _rms(norm: nn.Module, x: torch.Tensor, scale: bool = True) -> torch.Tensor:
+    """``norm(x)`` without the module call; ``scale=False``: without its weight (folded elsewhere)."""
+    if type(norm) is FastRMSNorm:
+        w = norm.weight if scale else None
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, norm.dim, w, norm.eps)
+        y = F.rms_norm(x.float(), norm.dim, None, norm.eps).to(x.dtype)
+        return y if w is None else w * y
+    return norm(x)
 
 
 # ------------------------------------------------------------------ cache bytes
@@ -293,4 +461,4 @@ def is_mla(attn: nn.Module) -> bool:
 
 
 __all__ = ["FusedMLA", "FusedGateUpMLP", "FusedMoE", "FastRMSNorm", "fast_norm", "StackedLinear", "stack_linears", "kv_cache_bytes_per_token",
-           "kv_cache_report", "FusionReport", "is_mla"]
+           "kv_cache_report", "FusionReport", "is_mla", "gemv_layout", "is_silu", "rope_matrix", "rope_cos_sin", "rotary"]

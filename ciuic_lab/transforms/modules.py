@@ -83,6 +83,11 @@ class QuantExperts(nn.Module, _Kerneled):
         self.grouped = False  # the moe_grouped fusion: one grouped call per layer
         self._init_kernel(layout, kernel)
         self._moe_prepared: tuple | None = None
+        # the per-expert lists are fixed at construction: which banks are quantized, and the activation
+        self._all_dense = all(q is None for q in gate_up) and all(q is None for q in down)
+        self._any_dense = any(q is None for q in gate_up) or any(q is None for q in down)
+        self._silu = isinstance(self.act_fn, nn.SiLU) or type(self.act_fn).__name__ == "SiLUActivation"
+        self._views: tuple | None = None
 
     def _linear(self, e: int, which: str, x: torch.Tensor) -> torch.Tensor:
         qs = self.gate_up_q if which == "gate_up" else self.down_q
@@ -93,7 +98,7 @@ class QuantExperts(nn.Module, _Kerneled):
         return self._run(qt, x, None, slot=e * 2 + (which == "down"))
 
     def _grouped(self, hidden: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor):
-        if any(q is None for q in self.gate_up_q) or any(q is None for q in self.down_q):
+        if self._any_dense:
             return NotImplemented
         spec = self.gate_up_q[0].spec
         if any(q.spec != spec for q in self.gate_up_q + self.down_q):
@@ -112,11 +117,12 @@ class QuantExperts(nn.Module, _Kerneled):
         return out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self._all_dense and (self.grouped or top_k_index.shape[0] == 1):
+            # one token runs its few experts one after another either way: the lean per-pair form
+            return self._grouped_dense(hidden_states, top_k_index, top_k_weights)
         out = self._grouped(hidden_states, top_k_index, top_k_weights)
         if out is not NotImplemented:
             return out
-        if self.grouped and all(q is None for q in self.gate_up_q + self.down_q):
-            return self._grouped_dense(hidden_states, top_k_index, top_k_weights)
         final = torch.zeros_like(hidden_states)
         for e in torch.unique(top_k_index).tolist():
             if e < 0 or e >= self.num_experts:
@@ -135,17 +141,27 @@ class QuantExperts(nn.Module, _Kerneled):
         flat = idx.reshape(-1)
         if t * k <= 16:
             # decode: a handful of (token, expert) pairs; run each on views of the bank (no gather of
-            # whole expert matrices, which costs more than the products at this size)
-            out = torch.zeros_like(x)
-            pairs = flat.tolist()
-            for j, e in enumerate(pairs):
-                if e < 0 or e >= self.num_experts:
-                    continue
-                ti = j // k
-                xi = x[ti:ti + 1]
-                g, u = F.linear(xi, self._gate_up_w[e].to(x.dtype)).chunk(2, dim=-1)
-                out[ti:ti + 1] += F.linear(self.act_fn(g) * u, self._down_w[e].to(x.dtype)) * wts[ti, j % k].to(x.dtype)
-            return out
+            # whole expert matrices, which costs more than the products at this size). Each token sums
+            # its experts' weighted outputs in top-k order, as transformers' grouped forms do.
+            views = self._bank_views(x.dtype)
+            pairs = idx.tolist()
+            rows = []
+            for ti in range(t):
+                xi = x if t == 1 else x[ti:ti + 1]
+                acc = None
+                for j, e in enumerate(pairs[ti]):
+                    if e < 0 or e >= self.num_experts:
+                        continue
+                    if views is None:
+                        gw, dw = self._gate_up_w[e].to(x.dtype), self._down_w[e].to(x.dtype)
+                    else:
+                        gw, dw = views[0][e], views[1][e]
+                    g, u = F.linear(xi, gw).chunk(2, dim=-1)
+                    h = F.silu(g) * u if self._silu else self.act_fn(g) * u
+                    y = F.linear(h, dw) * wts[ti:ti + 1, j:j + 1]
+                    acc = y if acc is None else acc.add_(y)
+                rows.append(torch.zeros_like(xi) if acc is None else acc.to(x.dtype))
+            return rows[0] if t == 1 else torch.cat(rows)
         xs = x.repeat_interleave(k, dim=0)
         w = wts.reshape(-1, 1).to(x.dtype)
         order = torch.argsort(flat, stable=True)
@@ -162,6 +178,16 @@ class QuantExperts(nn.Module, _Kerneled):
         y = torch.empty_like(out)
         y[order] = out
         return (y * w).view(t, k, -1).sum(1)
+
+    def _bank_views(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """Each expert's dense gate_up and down as views of the banks, made once (None: convert per call)."""
+        gw, dw = self._gate_up_w, self._down_w
+        if gw.dtype != dtype or dw.dtype != dtype or torch.is_grad_enabled():
+            return None
+        key = (gw.data_ptr(), dw.data_ptr(), gw.device, dtype)
+        if self._views is None or self._views[0] != key:
+            self._views = (key, list(gw.detach().unbind(0)), list(dw.detach().unbind(0)))
+        return self._views[1], self._views[2]
 
     def extra_repr(self) -> str:
         nq = sum(q is not None for q in self.gate_up_q + self.down_q)
