@@ -211,7 +211,7 @@ class FusedMLA(nn.Module):
                                  persistent=False)                                 # [H, dn, r]
             self.register_buffer("w_uv", gemv_layout(w[:, self.dn:]), persistent=False)   # [H, dv, r]
             # the rotary embedding as one product with a fixed signed permutation (see rope_matrix)
-            self.register_buffer("rope_mat", rope_matrix(self.dr, self._interleave, w.dtype), persistent=False)
+            self.register_buffer("rope_mat", rope_matrix(self.dr, self._interleave, w.dtype).to(w.device), persistent=False)
 
     def _absorbed_query_weight(self, w_uk: torch.Tensor) -> torch.Tensor | None:
         """``W_uk^T`` composed with the no-rope rows of ``q_b_proj`` (and the rope rows after them), with
