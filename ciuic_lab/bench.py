@@ -51,7 +51,7 @@ def run(args) -> dict[str, Any]:
         if args.device.startswith("cuda"):
             from .measure.bench_cuda import bench_decode_cuda
 
-            out = bench_decode_cuda(quick=args.quick)
+            out = bench_decode_cuda(quick=args.quick, recipe=args.recipe or "int4-g128")
         else:
             from .measure.bench_decode import bench_decode
 
