@@ -31,9 +31,10 @@ class SafetyError(CiuicError):
         self.report = report
 
 
-def out_of_memory(doing: str, device=None, needed_bytes: int | None = None) -> str:
+def out_of_memory(doing: str, device=None, needed_bytes: int | None = None,
+                  outcome: str = "nothing was changed") -> str:
     """One line for running out of device memory while ``doing`` something: what was asked, what the
-    device has free, and what a user can do about it."""
+    device has free, what became of the model (``outcome``), and what a user can do about it."""
     import torch
 
     have = ""
@@ -47,5 +48,5 @@ def out_of_memory(doing: str, device=None, needed_bytes: int | None = None) -> s
         pass
     need = f" (needs about {needed_bytes / 2**20:,.0f} MiB)" if needed_bytes else ""
     where = f" on {device}" if device is not None and not have else ""
-    return (f"out of memory{where} while {doing}{need}{have}; nothing was changed. Accepted: free memory "
+    return (f"out of memory{where} while {doing}{need}{have}; {outcome}. Accepted: free memory "
             "(other models, tensors), fewer or smaller sites at a time, a smaller dtype, or device cpu")

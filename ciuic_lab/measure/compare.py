@@ -16,7 +16,7 @@ from torch import nn
 from ..plan import DTYPE_BYTES, Plan
 from ..quant import dequantize
 from ..sites import Site
-from ..transforms.apply import _norm_scale, fold_sources, loaded_module, loaded_weight, state_of
+from ..transforms.apply import _norm_scale, fold_sources, loaded_module, loaded_weight, site_weight, state_of
 from .snapshot import Snapshot
 
 
@@ -92,11 +92,12 @@ def site_errors(model: nn.Module, site_list: list[Site], captured: dict[str, Any
         fold = folds.get(s.name) if st.effective.get(s.name, (None, False))[1] else None
         if fold:
             # a folded site quantized W * gamma and sees the normed input without gamma: compare the two
-            # on that footing, so the error is the quantization's alone (x W^T is unchanged)
-            gamma = _norm_scale(model, st, fold).detach().float().cpu()
-            w = w * gamma
+            # on that footing, so the error is the quantization's alone (x W^T is unchanged); where gamma
+            # is 0 the input is 0 too and stays 0 (x / inf)
+            w = site_weight(model, st, s, fold).float().cpu()
             if x is not None and x.numel():
-                x = torch.where(gamma != 0, x / torch.where(gamma != 0, gamma, torch.ones_like(gamma)), torch.zeros_like(x))
+                gamma = _norm_scale(model, st, fold).float().cpu()
+                x = x / gamma.masked_fill(gamma == 0, float("inf"))
         if x is None or x.numel() == 0 or w.dim() < 2:
             err = float((wq - w).norm() / w.norm().clamp_min(1e-30))
             out[s.name] = {"kind": s.kind, "block": s.block, "rel_error": err, "basis": "weight", "rows": 0}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from typing import Any, Callable
 
 import torch
@@ -154,7 +155,7 @@ def allocate(site_list: list[Site], table: SensitivityTable, target_bpw: float |
     predicted = sum(kl[u][choice[u]] for u in kl)
     used = sum(cost[u][choice[u]] for u in kl)
     info = {"predicted_kl": predicted, "budget": budget, "used": used,
-            "formats": {f: sum(1 for c in choice.values() if c == f) for f in set(choice.values())},
+            "formats": dict(Counter(choice.values())),
             "choice": choice, "kl": kl, "cost": cost}
     if max_latency_ms is not None:
         info["predicted_latency_ms"] = used + (max_latency_ms - budget)
@@ -245,7 +246,7 @@ def refine(model: nn.Module, tokenizer, site_list: list[Site], table: Sensitivit
     used = sum(cost[u][choice[u]] for u in choice)
     out = {"measured_kl_before": start, "measured_kl_after": current, "evalset": getattr(es, "name", es),
            "rounds": history, "evaluations": evals, "seconds": time.perf_counter() - t0, "used": used,
-           "formats": {f: sum(1 for c in choice.values() if c == f) for f in set(choice.values())}, "choice": choice}
+           "formats": dict(Counter(choice.values())), "choice": choice}
     return plan, out
 
 

@@ -260,10 +260,9 @@ def apply(model: nn.Module, plan: Plan, cache: MutableMapping | None = None) -> 
             except Exception:  # noqa: BLE001 - the model stays as loaded; the message says so
                 revert(model)
         if isinstance(e, torch.OutOfMemoryError):
-            msg = out_of_memory("putting the quantized weights in place", _device_of(model))
-            if not restored:
-                msg = msg.replace("nothing was changed", "the model was put back as loaded")
-            raise CiuicError(msg) from None
+            raise CiuicError(out_of_memory("putting the quantized weights in place", _device_of(model),
+                                           outcome="nothing was changed" if restored
+                                           else "the model was put back as loaded")) from None
         raise
     return model
 

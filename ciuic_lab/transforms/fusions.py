@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import QTensor, concat_rows, dequantize
-from .modules import QuantLinear
+from .modules import QuantLinear, is_silu
 
 FUSABLE_ATTENTION = ("DeepseekV3Attention",)
 
@@ -104,11 +104,6 @@ class FusedGateUpMLP(nn.Module):
         g, u = self.gate_up(x).split_with_sizes([self.inter, self.inter], -1)
         h = F.silu(g) * u if self._silu else self.act_fn(g) * u
         return self.down_proj(h)
-
-
-def is_silu(act: nn.Module) -> bool:
-    """Whether ``act`` is SiLU (torch's or transformers'), so ``F.silu`` may stand for its call."""
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 # ------------------------------------------------------------------ norms and MoE

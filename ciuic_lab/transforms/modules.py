@@ -62,6 +62,11 @@ class QuantLinear(nn.Module, _Kerneled):
         return f"{self.in_features} -> {self.out_features}, {self.qt.spec.label()}, layout={self.layout}"
 
 
+def is_silu(act: nn.Module) -> bool:
+    """Whether ``act`` is SiLU (torch's or transformers'), so ``F.silu`` may stand for its call."""
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
 class QuantExperts(nn.Module, _Kerneled):
     """A 3-D expert bank (``gate_up_proj [E, 2I, K]``, ``down_proj [E, K, I]``) with per-expert weights.
 
@@ -86,7 +91,7 @@ class QuantExperts(nn.Module, _Kerneled):
         # the per-expert lists are fixed at construction: which banks are quantized, and the activation
         self._all_dense = all(q is None for q in gate_up) and all(q is None for q in down)
         self._any_dense = any(q is None for q in gate_up) or any(q is None for q in down)
-        self._silu = isinstance(self.act_fn, nn.SiLU) or type(self.act_fn).__name__ == "SiLUActivation"
+        self._silu = is_silu(self.act_fn)
         self._views: tuple | None = None
 
     def _linear(self, e: int, which: str, x: torch.Tensor) -> torch.Tensor:
