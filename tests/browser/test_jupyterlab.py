@@ -112,6 +112,7 @@ def lab(tmp_path):
 
 
 def test_quickstart_in_jupyterlab_changes_bits_through_the_page(lab):
+    from playwright.sync_api import TimeoutError as PageTimeout
     from playwright.sync_api import sync_playwright
 
     url = f"{lab['base']}/lab/tree/{NOTEBOOK}?token={lab['token']}"
@@ -130,8 +131,24 @@ def test_quickstart_in_jupyterlab_changes_bits_through_the_page(lab):
                 dialog.first.click()
             # the kernel must be connected before "run all" is honoured
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=SERVER_START_S * 1000)
-            # started, not awaited: the command's promise settles only when every cell has run
-            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); return true; }")
+            # "run all" acts on the current notebook: make the panel current, then start it (not awaited: the
+            # command's promise settles only when every cell has run). If the app was not ready to take it
+            # (seen once on a loaded machine: every prompt still "[ ]" with the kernel idle), ask again.
+            started = """() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
+                .some(p => /[*\\d]/.test(p.textContent))"""
+            for attempt in range(3):
+                page.evaluate("""() => {
+                    const nb = document.querySelector('.jp-NotebookPanel');
+                    if (nb && nb.id) window.jupyterapp.shell.activateById(nb.id);
+                    window.jupyterapp.commands.execute('notebook:run-all-cells');
+                    return true;
+                }""")
+                try:
+                    page.wait_for_function(started, timeout=60_000)
+                    break
+                except PageTimeout:  # not started yet: activate and ask again
+                    if attempt == 2:
+                        raise
 
             # every code cell ran (no "[*]" left, the last one numbered) and the Workbench is on the page
             page.wait_for_function(
