@@ -16,7 +16,7 @@ from .errors import CiuicError, SafetyError
 from .measure import EvalSet, Snapshot, compare as compare_snapshots, fingerprint, snapshot
 from .measure.evalset import evalset as get_evalset
 from .plan import Plan, resolve
-from .search import prepare_gptq
+from .search import prepare_calibrated
 from .sites import sites as list_sites
 from .transforms import apply, revert
 
@@ -35,7 +35,7 @@ def evaluate_plan(model: nn.Module, tokenizer, recipe: Any, es: EvalSet | str | 
     if base is None:
         base = baseline(model, tokenizer, es, timing)
     cache: dict = {}
-    prepare_gptq(model, tokenizer, plan, cache)  # error-compensated sites need calibration first
+    prepare_calibrated(model, tokenizer, plan, cache)  # error-compensated sites need calibration first
     apply(model, plan, cache=cache)
     try:
         cand = snapshot(model, tokenizer, es, timing=timing)

@@ -875,7 +875,7 @@ class Session:
         """The full comparison (as ``ciuic-lab apply`` prints it) of the current plan on ``evalset``."""
         es = get_evalset(evalset)
         plan = self.plan
-        key = f"{es.name}:{es.heldout_tokens}:{es.max_new_tokens}:{len(es.prompts)}:{timing}"
+        key = f"{es.name}:{es.heldout_offset}:{es.heldout_tokens}:{es.max_new_tokens}:{len(es.prompts)}:{timing}"
         base = self._full_base.get(key)
         if base is None:
             self._note(0.05, f"measuring the model as loaded on the {es.name} set")

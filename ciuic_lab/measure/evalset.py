@@ -2,7 +2,9 @@
 
 The held-out text is whole standard-library modules that the embedded models never saw in training.
 Sizes are presets: ``standard`` for reports, ``quick`` for interactive use (the Session's instant
-feedback), ``tiny`` for tests.
+feedback), ``tiny`` for tests. ``search`` is the validation part for automatic searches (the
+allocator's scan and refinement): as many held-out tokens as ``standard``, but the *next* 2,048, so a
+plan chosen on it is verified on text it was not chosen on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ SIZES = {
     "standard": dict(n_prompts=8, max_new_tokens=32, heldout_tokens=2048, window=256),
     "quick": dict(n_prompts=2, max_new_tokens=16, heldout_tokens=256, window=128),
     "tiny": dict(n_prompts=1, max_new_tokens=6, heldout_tokens=64, window=32),
+    "search": dict(n_prompts=2, max_new_tokens=16, heldout_tokens=2048, window=256, heldout_offset=2048),
 }
 
 
@@ -50,6 +53,7 @@ class EvalSet:
     heldout_tokens: int = 2048
     window: int = 256
     name: str = "standard"
+    heldout_offset: int = 0  # held-out tokens skipped before the scored ones
 
     def resized(self, **kw) -> "EvalSet":
         return replace(self, **kw)
@@ -64,4 +68,5 @@ def evalset(size: str | EvalSet | None = "standard") -> EvalSet:
         raise CiuicError(f"evaluation set size {size!r} is unknown; accepted: {', '.join(SIZES)}")
     s = SIZES[size]
     prompts = _prompts()[: s["n_prompts"]]
-    return EvalSet(prompts, _heldout(), s["max_new_tokens"], s["heldout_tokens"], s["window"], size)
+    return EvalSet(prompts, _heldout(), s["max_new_tokens"], s["heldout_tokens"], s["window"], size,
+                   s.get("heldout_offset", 0))

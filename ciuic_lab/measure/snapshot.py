@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import CiuicError
 from ..sites import Site
 from .evalset import EvalSet, evalset as get_evalset
 
@@ -55,6 +56,11 @@ def _sync(dev: torch.device) -> None:
 
 def heldout_ids(tokenizer, es: EvalSet) -> torch.Tensor:
     ids = tokenizer(es.heldout, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if es.heldout_offset:
+        if ids.numel() - es.heldout_offset < es.window:
+            raise CiuicError(f"evaluation set {es.name!r} skips {es.heldout_offset} held-out tokens but the text has "
+                             f"{ids.numel()}; accepted: an offset leaving at least one window ({es.window} tokens)")
+        ids = ids[es.heldout_offset:]
     n = min(es.heldout_tokens, ids.numel())
     n = max(es.window, n // es.window * es.window)
     return ids[:n]

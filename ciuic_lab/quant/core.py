@@ -216,8 +216,10 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> QTensor:
         raise CiuicError("bits 16 means keep the weight as loaded; there is nothing to quantize")
     if w.dim() < 2:
         w = w.reshape(1, -1)
-    if spec.method == "gptq":
-        raise CiuicError("method 'gptq' needs calibration data: use ciuic_lab.quant.gptq.gptq_quantize")
+    if spec.needs_calibration:
+        what = "method 'gptq'" if spec.method == "gptq" else "clip 'output'"
+        raise CiuicError(f"{what} needs calibration data: use ciuic_lab.quant.gptq.calibrated_quantize "
+                         "(the transforms calibrate with ciuic_lab.search.prepare_calibrated)")
     dtype = w.dtype
     wf = w.detach().to(torch.float32)
     _check_finite(wf)

@@ -10,8 +10,13 @@ A spec is pure data (frozen, hashable) so it can key caches and be written into 
   row) or ``"tensor"`` (one scale for the whole weight).
 - ``format``: ``"int"`` or ``"fp8_e4m3"`` (DeepSeek-V3's own: e4m3 codes with one fp32 scale per
   128x128 block; bits, scheme and group are implied).
-- ``clip``: ``"minmax"`` (plain round-to-nearest) or ``"mse"`` (per-group clipping search).
+- ``clip``: ``"minmax"`` (plain round-to-nearest), ``"mse"`` (per-group clipping search on the weight
+  error) or ``"output"`` (per-group clipping and zero point chosen on the layer's output error over
+  calibration inputs).
 - ``method``: ``"rtn"`` or ``"gptq"`` (error compensation with calibration data).
+
+``clip: "output"`` and ``method: "gptq"`` read calibration statistics (``needs_calibration``): the
+transforms get them from :mod:`ciuic_lab.search.calibrate`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ KEEP_BITS = 16
 SCHEMES = ("asym", "sym")
 FORMATS = ("int", "fp8_e4m3")
 GRANULARITIES = ("channel", "tensor")
-CLIPS = ("minmax", "mse")
+CLIPS = ("minmax", "mse", "output")
 METHODS = ("rtn", "gptq")
 FP8_BLOCK = 128
 
@@ -51,6 +56,11 @@ class QuantSpec:
     @property
     def is_fp8(self) -> bool:
         return self.format == "fp8_e4m3"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Quantizing it needs the layer's input statistics (GPTQ, output-aware clipping)."""
+        return not self.keep and not self.is_fp8 and (self.method == "gptq" or self.clip == "output")
 
     def group_size(self, k: int) -> int:
         """Elements per group along a row of length ``k``."""

@@ -26,7 +26,7 @@ from ..quant import QuantSpec, quantize
 from ..recipe import Recipe, Rule
 from ..sites import Site
 from ..transforms import apply, revert
-from .calibrate import prepare_gptq
+from .calibrate import prepare_calibrated
 from .sensitivity import KLProbe, SensitivityTable, fit_spec, label, units_of
 
 
@@ -260,7 +260,7 @@ def verify(model: nn.Module, tokenizer, plans: dict[str, Plan], es="standard", t
     for i, (name, plan) in enumerate(plans.items()):
         site_list = site_list or list(plan.sites.values())
         cache: dict = {}
-        prepare_gptq(model, tokenizer, plan, cache)  # error-compensated sites are calibrated first
+        prepare_calibrated(model, tokenizer, plan, cache)  # error-compensated sites are calibrated first
         apply(model, plan, cache=cache)
         try:
             rep = compare(base, snapshot(model, tokenizer, es, timing=timing), model, site_list)

@@ -1,4 +1,5 @@
-"""Calibration for error-compensating quantizers: the input Hessian ``H = sum x x^T`` of each site.
+"""Calibration for the quantizers that read input statistics (GPTQ, output-aware clipping): the
+input Hessian ``H = sum x x^T`` of each site.
 
 Inputs are the loaded model's (the sites' inputs with nothing quantized), on a small calibration text
 from the training corpus shipped with the package. For an expert, only the tokens routed to it count;
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..plan import Plan
-from ..quant.gptq import gptq_quantize
+from ..quant.gptq import calibrated_quantize
 from ..sites import Site
 from ..transforms import revert, state_of
 from ..transforms.apply import site_weight, fold_sources, loaded_module
@@ -80,21 +81,28 @@ def collect_hessians(model: nn.Module, tokenizer, site_list: list[Site], tokens:
     return hs
 
 
-def prepare_gptq(model: nn.Module, tokenizer, plan: Plan, cache: MutableMapping, tokens: int = CALIBRATION_TOKENS,
-                 progress=None) -> int:
-    """Quantize every ``method: gptq`` site of ``plan`` and put it in ``cache`` for :func:`apply`.
+def prepare_calibrated(model: nn.Module, tokenizer, plan: Plan, cache: MutableMapping, tokens: int = CALIBRATION_TOKENS,
+                       progress=None, hessians: MutableMapping | None = None) -> int:
+    """Quantize every site of ``plan`` whose spec needs calibration (``method: gptq``, ``clip: output``)
+    and put it in ``cache`` for :func:`apply`.
 
-    Returns the number of sites prepared. The model is reverted first if a plan is applied (the
-    Hessians are the loaded model's); apply the plan again afterwards.
+    Returns the number of sites prepared. The Hessians are the loaded model's: if they must be
+    collected and a plan is applied, the model is reverted first (apply the plan again afterwards).
+    ``hessians`` (site name -> H) keeps them between calls.
     """
-    gsites = [plan.sites[n] for n, c in plan.configs.items() if c.spec.method == "gptq" and not c.keep]
-    todo = [s for s in gsites if (s.name, plan.configs[s.name].spec, False) not in cache
+    csites = [plan.sites[n] for n, c in plan.configs.items() if not c.keep and c.spec.needs_calibration]
+    todo = [s for s in csites if (s.name, plan.configs[s.name].spec, False) not in cache
             and (s.name, plan.configs[s.name].spec, True) not in cache]
     if not todo:
         return 0
-    if state_of(model).plan is not None:
-        revert(model)
-    hs = collect_hessians(model, tokenizer, todo, tokens)
+    hs = hessians if hessians is not None else {}
+    missing = [s for s in todo if s.name not in hs]
+    if missing:
+        if state_of(model).plan is not None:
+            revert(model)
+        hs.update(collect_hessians(model, tokenizer, missing, tokens))
+        for s in missing:  # no calibration token reached it (an unused expert): marked, identity below
+            hs.setdefault(s.name, None)
     folds, _ = fold_sources(model, plan)
     st = state_of(model)
     for i, s in enumerate(todo):
@@ -102,13 +110,13 @@ def prepare_gptq(model: nn.Module, tokenizer, plan: Plan, cache: MutableMapping,
         fold = folds.get(s.name)
         w = site_weight(model, st, s, fold)
         h = hs.get(s.name)
-        if h is None:  # no calibration token reached it (an unused expert): identity Hessian = RTN-like
+        if h is None:  # identity Hessian: GPTQ and output clipping reduce to their weight-error forms
             h = torch.eye(s.k, dtype=torch.float64)
         elif fold:  # the folded weight multiplies x / gamma
             g = loaded_module(model, st, fold).weight.detach().to(torch.float64)
             inv = torch.where(g != 0, 1.0 / g, torch.zeros_like(g))
             h = h * inv[:, None] * inv[None, :]
-        cache[(s.name, spec, bool(fold))] = gptq_quantize(w, h, spec)
+        cache[(s.name, spec, bool(fold))] = calibrated_quantize(w, h, spec)
         if progress:
             progress(i + 1, len(todo))
     return len(todo)

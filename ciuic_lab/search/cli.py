@@ -18,8 +18,8 @@ from .sensitivity import label, parse_formats, sensitivity
 # group sizes give the allocator finer steps (docs/benchmarks.md, Search). int2 is offered only when
 # the budget needs it (below 3.5 bits per weight, or a latency budget): its errors compound far beyond
 # the sum of the single-site KLs the allocator predicts from, so at 4 bpw it makes plans worse.
-DEFAULT_FORMATS = "int3-g128-mse-gptq,int3-g64-mse-gptq,int4-g128-mse-gptq,int4-g64-mse-gptq,int8-channel-sym"
-LOW_BIT_FORMAT = "int2-g64-mse-gptq"
+DEFAULT_FORMATS = "int3-g128-output-gptq,int3-g64-output-gptq,int4-g128-output-gptq,int4-g64-output-gptq,int8-channel-sym"
+LOW_BIT_FORMAT = "int2-g64-output-gptq"
 LOW_BIT_BELOW_BPW = 3.5
 
 
@@ -28,7 +28,7 @@ def add_parsers(sub, common) -> None:
     common(p)
     p.add_argument("--bits", default="2,3,4,8", help="bits (2,3,4,8) or format labels (int4-g128,int3-g64-mse,...)")
     p.add_argument("--group", default="128", help="group size for bit-only formats (or channel)")
-    p.add_argument("--clip", default="minmax", choices=["minmax", "mse"])
+    p.add_argument("--clip", default="minmax", choices=["minmax", "mse", "output"])
     p.add_argument("--unit", default="site", choices=["site", "block", "kind", "expert"])
     p.add_argument("--evalset", default="quick")
     p.set_defaults(func=run_sensitivity)
@@ -43,7 +43,8 @@ def add_parsers(sub, common) -> None:
                    help=f"candidate formats (default: {DEFAULT_FORMATS}, plus {LOW_BIT_FORMAT} below "
                         f"{LOW_BIT_BELOW_BPW} bpw)")
     p.add_argument("--unit", default="site", choices=["site", "block", "kind", "expert"])
-    p.add_argument("--evalset", default="quick", help="evaluation set for the sensitivity scan")
+    p.add_argument("--evalset", default="search",
+                   help="evaluation set for the scan and the refinement (search: held-out tokens the verification does not score)")
     p.add_argument("--verify-evalset", default="standard", help="evaluation set for the verification")
     p.add_argument("--refine", type=int, default=1,
                    help="rounds of refinement on measured KL after the solver (0: the solver's plan as it is)")

@@ -21,7 +21,7 @@ from ..plan import KEEP_CONFIG, Plan, SiteConfig, keep_plan
 from ..quant import QuantSpec, expected_nbytes
 from ..sites import Site
 from ..transforms import apply, revert
-from .calibrate import prepare_gptq
+from .calibrate import prepare_calibrated
 
 UNITS = ("site", "block", "kind", "expert")
 
@@ -43,7 +43,7 @@ def parse_formats(text: str | Iterable, group: int | str = 128, clip: str = "min
         parts = it.split("-")
         if not parts[0].startswith("int") or not parts[0][3:].isdigit():
             raise CiuicError(f"format {it!r} is not understood; accepted: bits like 2,3,4,8 or labels like int4-g128, "
-                             "int3-g64-mse, int8-channel-sym")
+                             "int3-g64-mse, int4-g128-output-gptq, int8-channel-sym")
         kw: dict[str, Any] = {"bits": int(parts[0][3:]), "group": group, "clip": clip}
         for p in parts[1:]:
             if p.startswith("g") and p[1:].isdigit():
@@ -52,7 +52,7 @@ def parse_formats(text: str | Iterable, group: int | str = 128, clip: str = "min
                 kw["group"] = p
             elif p in ("sym", "asym"):
                 kw["scheme"] = p
-            elif p in ("mse", "minmax"):
+            elif p in ("mse", "minmax", "output"):
                 kw["clip"] = p
             elif p in ("gptq", "rtn"):
                 kw["method"] = p
@@ -157,10 +157,10 @@ def sensitivity(model: nn.Module, tokenizer, site_list: list[Site], formats: lis
     qcache = cache if cache is not None else {}
     todo = [(u, f) for u in groups for f in formats if label(f) not in table.kl.get(u, {})]
     t0 = time.perf_counter()
-    for f in formats:  # error-compensated formats are calibrated once for every unit they will be tried on
-        if f.method == "gptq" and any(g is f for _, g in todo):
+    for f in formats:  # calibrated formats (GPTQ, output clipping) are prepared once for every unit they will be tried on
+        if f.needs_calibration and any(g is f for _, g in todo):
             units = {u for u, g in todo if g is f}
-            prepare_gptq(model, tokenizer, base.with_configs(
+            prepare_calibrated(model, tokenizer, base.with_configs(
                 {s.name: SiteConfig(fit_spec(f, s)) for u in units for s in groups[u]}), qcache)
     try:
         for i, (u, f) in enumerate(todo):

@@ -14,6 +14,19 @@ def test_evalset_sizes():
         evalset("huge")
 
 
+def test_search_set_scores_held_out_tokens_the_standard_set_does_not(tiny):
+    from ciuic_lab.errors import CiuicError
+    from ciuic_lab.measure.snapshot import heldout_ids
+
+    _, tok, _ = tiny
+    std, search = heldout_ids(tok, evalset("standard")), heldout_ids(tok, evalset("search"))
+    assert search.numel() == std.numel() == 2048
+    whole = tok(evalset("standard").heldout, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    assert torch.equal(whole[:2048], std) and torch.equal(whole[2048:4096], search)  # adjacent, disjoint
+    with pytest.raises(CiuicError, match="skips 100000 held-out tokens but the text has"):
+        heldout_ids(tok, evalset("search").resized(heldout_offset=100_000))
+
+
 def test_identical_models_compare_to_zero(tiny):
     m, tok, _ = tiny
     a = snapshot(m, tok, "tiny", timing=False)

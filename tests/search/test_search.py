@@ -6,8 +6,8 @@ import torch
 from ciuic_lab import resolve
 from ciuic_lab.errors import CiuicError
 from ciuic_lab.quant import QuantSpec, dequantize, quantize
-from ciuic_lab.quant.gptq import gptq_quantize
-from ciuic_lab.search import allocate, attribution, label, parse_formats, prepare_gptq, sensitivity
+from ciuic_lab.quant.gptq import calibrated_quantize, gptq_quantize, output_clip
+from ciuic_lab.search import allocate, attribution, label, parse_formats, prepare_calibrated, sensitivity
 from ciuic_lab.search.sensitivity import SensitivityTable
 
 
@@ -30,6 +30,54 @@ def test_gptq_beats_rtn_on_correlated_inputs(spec):
     assert gq.codes.shape == rtn.codes.shape and gq.nbytes == rtn.nbytes
     err = lambda q: float((x @ (dequantize(q) - w).T).norm())  # noqa: E731
     assert err(gq) < err(rtn)
+
+
+def _correlated(seed: int, rows: int = 96, k: int = 128):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2048, k, generator=g) @ (torch.randn(k, k, generator=g) / 11)
+    x[:, :: 7] *= 4  # a few inputs matter far more than the rest (as in real activations)
+    w = torch.randn(rows, k, generator=g) * 0.05
+    return x, w
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=3, group=32, clip="output"), QuantSpec(bits=4, group="channel", clip="output"),
+                                  QuantSpec(bits=2, group=64, scheme="sym", clip="output"),
+                                  QuantSpec(bits=3, group="tensor", clip="output")])
+def test_output_clipping_beats_weight_clipping_on_the_output(spec):
+    x, w = _correlated(5, rows=67, k=160)  # K not a multiple of the group: a short last group
+    h = x.T.double() @ x.double()
+    oq = calibrated_quantize(w, h, spec)
+    rtn, mse = quantize(w, spec.replace(clip="minmax")), quantize(w, spec.replace(clip="mse"))
+    assert oq.codes.shape == rtn.codes.shape and oq.nbytes == rtn.nbytes and oq.scales.dtype == torch.float16
+    err = lambda q: float((x @ (dequantize(q) - w).T).norm())  # noqa: E731
+    assert err(oq) < min(err(rtn), err(mse))
+    s, z = output_clip(w, h, spec)  # the stored grid is the one chosen
+    assert torch.equal(s, oq.scales)
+
+
+def test_gptq_act_order_with_identity_hessian_is_round_to_nearest():
+    # no correlation between inputs: nothing to compensate, so every column rounds to its nearest code
+    # on the fixed grid whatever order it is visited in (this checks the permutation is undone)
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(40, 96, generator=g)
+    h = torch.diag(torch.rand(96, generator=g, dtype=torch.float64) + 0.5)  # distinct order != natural
+    for spec in (QuantSpec(bits=4, group=32), QuantSpec(bits=3, group="channel", clip="mse")):
+        gq = gptq_quantize(w, h, spec.replace(method="gptq"))
+        assert torch.equal(gq.codes, quantize(w, spec).codes) and torch.equal(gq.scales, quantize(w, spec).scales)
+
+
+def test_calibrated_formats_refuse_plain_quantize_and_bad_hessians():
+    w = torch.randn(8, 64)
+    with pytest.raises(CiuicError, match="clip 'output' needs calibration data"):
+        quantize(w, QuantSpec(bits=4, group=32, clip="output"))
+    with pytest.raises(CiuicError, match="needs W \\[N, K\\] and H \\[K, K\\]; got W \\(8, 64\\), H \\(32, 32\\)"):
+        calibrated_quantize(w, torch.eye(32, dtype=torch.float64), QuantSpec(bits=4, group=32, clip="output"))
+    bad = torch.eye(64, dtype=torch.float64)
+    bad[3, 3] = float("nan")
+    with pytest.raises(CiuicError, match="Hessian holds NaN/Inf"):
+        calibrated_quantize(w, bad, QuantSpec(bits=4, group=32, method="gptq"))
+    with pytest.raises(CiuicError, match="needs no calibration"):
+        calibrated_quantize(w, torch.eye(64, dtype=torch.float64), QuantSpec(bits=4, group=32, clip="mse"))
 
 
 def test_sensitivity_orders_formats_and_caches(tiny, tiny_sites):
@@ -119,7 +167,28 @@ def test_gptq_plan_is_prepared_and_applied(tiny, tiny_sites, ids):
     with pytest.raises(CiuicError, match="needs calibration"):
         apply(m, plan)
     cache: dict = {}
-    assert prepare_gptq(m, tok, plan, cache) == 3
+    assert prepare_calibrated(m, tok, plan, cache) == 3
+    apply(m, plan, cache=cache)
+    with torch.no_grad():
+        assert torch.isfinite(m(ids).logits).all()
+    revert(m)
+
+
+def test_output_clipped_plan_is_prepared_once_per_hessian(tiny, tiny_sites, ids):
+    from ciuic_lab import apply, revert
+
+    m, tok, _ = tiny
+    plan = resolve({"rules": [{"match": "attn.*", "bits": 3, "group": 32, "clip": "output"}]}, tiny_sites)
+    with pytest.raises(CiuicError, match="clip 'output' needs calibration"):
+        apply(m, plan)
+    cache: dict = {}
+    hs: dict = {}
+    n = prepare_calibrated(m, tok, plan, cache, tokens=512, hessians=hs)
+    assert n == sum(1 for c in plan.configs.values() if not c.keep) and len(hs) == n
+    gptq = resolve({"rules": [{"match": "attn.*", "bits": 3, "group": 32, "clip": "output", "method": "gptq"}]}, tiny_sites)
+    held = {k: v.clone() for k, v in hs.items() if v is not None}
+    assert prepare_calibrated(m, tok, gptq, cache, hessians=hs) == n  # new specs, the same Hessians
+    assert all(torch.equal(hs[k], v) for k, v in held.items())
     apply(m, plan, cache=cache)
     with torch.no_grad():
         assert torch.isfinite(m(ids).logits).all()
