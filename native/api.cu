@@ -4,6 +4,7 @@
 #include <stdint.h>
 
 #include "ciuic_kernels.h"
+#include "gemv.cuh"
 #include "wgemm.cuh"
 
 namespace ciuic {
@@ -211,7 +212,18 @@ extern "C" int ciuic_wgemm(int fmt, int dtype, const void *x, int m, int n, int 
     p.xvec = (k % 8 == 0) && aligned(p.x, 16);
     const int gx = (p.nt + kWarps * rt - 1) / (kWarps * rt);
     const SplitRequest rq = split_request(splits, staging, gx, static_cast<int64_t>(mc) * p.nt * 16, workspace, workspace_bytes, mc);
-    const cudaError_t e = dispatch_plain(fmt, bf16, mt, p, dim3(gx, 1, 1), rq, st);
+    cudaError_t e = cudaSuccess;
+    bool done = false;
+    // the GEMV when asked for (m <= 8), and by default for m <= 4: faster than wgemm there on an H100
+    // (native/README.md); at 5..8 rows the backend's tuner measures both
+    if (fmt == CIUIC_FMT_INT4 && ((staging == CIUIC_STAGE_GEMV && mc <= CIUIC_GEMV_MAX_M) ||
+                                  (staging == CIUIC_STAGE_AUTO && mc <= kGemvAutoM)))
+      e = launch_gemv_int4(bf16, p, rq, st, &done);
+    if (!done) {
+      SplitRequest r2 = rq;
+      if (r2.staging == CIUIC_STAGE_GEMV) r2.staging = CIUIC_STAGE_AUTO;
+      e = dispatch_plain(fmt, bf16, mt, p, dim3(gx, 1, 1), r2, st);
+    }
     if (e != cudaSuccess) return static_cast<int>(e);
   }
   return 0;

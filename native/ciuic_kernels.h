@@ -47,12 +47,16 @@ typedef struct CUstream_st *ciuic_stream_t;
    16-byte loads per lane */
 #define CIUIC_TILE_N 16
 #define CIUIC_TILE_K 64
-/* how x reaches the tensor cores: chosen by the launcher (auto), staged once for the block's whole
-   K range (whole, when it fits 64 KB of shared memory; more splits are taken to make it fit), or
-   chunk by chunk (chunk) */
+/* which kernel and how x reaches the tensor cores: chosen by the launcher (auto), staged once for
+   the block's whole K range (whole, when it fits 64 KB of shared memory; more splits are taken to
+   make it fit), chunk by chunk (chunk), or the int4 GEMV for batches of 1 to 8 rows (gemv: x staged
+   once per block, 28 warps per multiprocessor; other formats and batches take auto's choice) */
 #define CIUIC_STAGE_AUTO 0
 #define CIUIC_STAGE_WHOLE 1
 #define CIUIC_STAGE_CHUNK 2
+#define CIUIC_STAGE_GEMV 3
+/* batch rows the GEMV takes (larger launches run the general kernel) */
+#define CIUIC_GEMV_MAX_M 8
 /* rows of x one launch takes; larger batches are cut into launches of this many rows */
 #define CIUIC_MAX_M 32
 /* bytes at the start of a workspace that hold split-K arrival counters (zeroed by the caller once) */

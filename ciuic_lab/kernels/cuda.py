@@ -15,8 +15,9 @@ What happens, and when:
   (``native/repack.cu``); :meth:`linear` and :meth:`moe` launch on the current torch stream with the
   tensors' ``data_ptr()``, after checking device, dtype, shape and contiguity, and turn every error
   code into a :class:`~ciuic_lab.errors.KernelError` naming the call and CUDA's message;
-- the first launch of each shape times the launch plans (split-K count, how x is staged) on a cold
-  L2 cache and keeps the fastest for that shape (``CIUIC_CUDA_TUNE=0``: the launcher's own plan).
+- the first launch of each shape times the launch plans (split-K count, how x is staged, and for
+  int4 at batch <= 8 the GEMV of ``native/gemv.cuh``) on a cold L2 cache and keeps the fastest for
+  that shape (``CIUIC_CUDA_TUNE=0``: the launcher's own plan).
 
 The C interface is ``native/ciuic_kernels.h``; its CDEF block is the cffi ``cdef`` as it is.
 """
@@ -48,8 +49,8 @@ except ImportError:  # pragma: no cover - exercised by a test that hides cffi
     cffi = None
 
 HEADER = "ciuic_kernels.h"
-SOURCES = ("api.cu", "repack.cu", "wgemm_int4.cu", "wgemm_int8.cu", "wgemm_fp8.cu")
-INCLUDES = (HEADER, "wgemm.cuh")
+SOURCES = ("api.cu", "repack.cu", "wgemm_int4.cu", "wgemm_int8.cu", "wgemm_fp8.cu", "gemv_int4.cu")
+INCLUDES = (HEADER, "wgemm.cuh", "gemv.cuh")
 # machine code for these (plus PTX of the last); CIUIC_CUDA_ARCHS="90" builds for one GPU only, faster
 ARCHS = tuple(os.environ.get("CIUIC_CUDA_ARCHS", "80 90").split()) or ("80", "90")
 NVCC_FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-lineinfo", "--threads", "0")
@@ -62,8 +63,10 @@ LAYOUTS = (LAYOUT_INT4, LAYOUT_INT8, LAYOUT_FP8)
 GENERIC_LAYOUTS = ("rowmajor", "auto")
 
 FMT_INT4, FMT_INT8, FMT_FP8 = 0, 1, 2
-STAGE_AUTO, STAGE_WHOLE, STAGE_CHUNK = 0, 1, 2
+STAGE_AUTO, STAGE_WHOLE, STAGE_CHUNK, STAGE_GEMV = 0, 1, 2, 3
+STAGE_NAMES = ("auto", "whole", "chunk", "gemv")
 TUNE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)   # split-K counts tried per launch shape (with each staging)
+GEMV_MAX_M = 8                      # batch rows the int4 GEMV takes (CIUIC_GEMV_MAX_M)
 DT = {torch.bfloat16: 0, torch.float16: 1}
 WORKSPACE_BYTES = 16 << 20          # split-K partial sums (per device and stream)
 MOE_MAX_PAIRS = 256                 # tokens * top_k taken by the grouped MoE launch
@@ -508,7 +511,8 @@ class CudaBackend:
                 return lib.ciuic_wgemm(*args, splits, staging, sp)
 
             key = ("linear", x.device.index, w.fmt, DT[x.dtype], w.n, w.k, w.group, w.zeros is None, _m_bucket(m))
-            rc = launch(*self._choice(key, launch, x.device))
+            gemv = w.fmt == FMT_INT4 and m <= GEMV_MAX_M
+            rc = launch(*self._choice(key, launch, x.device, (STAGE_CHUNK, STAGE_WHOLE, STAGE_GEMV) if gemv else None))
         self._check(lib, rc, f"ciuic_wgemm ({w.label()}, x {list(x.shape)} {x.dtype})")
         return out if orig in DT else out.to(orig)
 
@@ -585,7 +589,7 @@ class CudaBackend:
         if x.dtype not in DT and x.dtype != torch.float32:
             raise KernelError(f"{what} has dtype {x.dtype}; accepted: bfloat16, float16 (float32 runs through bfloat16)")
 
-    def _choice(self, key: tuple, launch, device: torch.device) -> tuple[int, int]:
+    def _choice(self, key: tuple, launch, device: torch.device, stagings=None) -> tuple[int, int]:
         """(splits, staging) for one launch shape: forced by the attributes, else measured once.
 
         The first launch of each shape (weight shape and format, dtype, batch bucket) times every
@@ -599,7 +603,9 @@ class CudaBackend:
             return hit[0], hit[1]
         if not self.tune or torch.cuda.is_current_stream_capturing():
             return 0, STAGE_AUTO
-        cands = [(0, STAGE_AUTO)] + [(s, st) for st in (STAGE_CHUNK, STAGE_WHOLE) for s in TUNE_SPLITS]
+        stagings = stagings or (STAGE_CHUNK, STAGE_WHOLE)
+        cands = [(0, STAGE_AUTO)] + [(0, st) for st in stagings if st == STAGE_GEMV] + \
+            [(s, st) for st in stagings for s in TUNE_SPLITS]
         ok = [c for c in cands if launch(*c) == 0]
         if not ok:
             return 0, STAGE_AUTO  # the caller's own launch reports the error

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CiuicError
+from ..kernels.cuda import STAGE_NAMES
 from ..quant import QuantSpec, dequantize, quantize
 
 # DeepSeek-V3 projections, (K inputs, N outputs)
@@ -208,14 +209,14 @@ def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
                 cfg = [v for key, v in backend.tuned.items()
                        if key[0] == "linear" and key[4:6] == (n, k) and key[2] == cps[0].fmt and key[-1] == min(m, 32)]
                 if cfg:
-                    row["config"] = {"splits": cfg[0][0], "staging": ("auto", "whole", "chunk")[cfg[0][1]]}
+                    row["config"] = {"splits": cfg[0][0], "staging": STAGE_NAMES[cfg[0][1]]}
                 if sweep and f == "int4":
                     sw = {}
-                    for st in (2, 1):
+                    for st in (2, 1, 3):
                         for s in (1, 2, 3, 4, 6, 8, 12, 16):
                             backend.splits, backend.staging = s, st
                             try:
-                                sw[f"{ {1: 'w', 2: 'c'}[st] }{s}"] = time_calls([lambda c=c: backend.linear(x, c) for c in cps],
+                                sw[f"{STAGE_NAMES[st][0]}{s}"] = time_calls([lambda c=c: backend.linear(x, c) for c in cps],
                                                                       reps=max(20, reps // 4))["us"]
                             finally:
                                 backend.splits, backend.staging = 0, 0

@@ -26,6 +26,7 @@ SPECS = [
 
 
 PLANS = ((0, 0), (2, 2), (0, 1), (3, 1))  # (splits, staging): launcher's own, chunked, whole
+GEMV_PLANS = ((0, 3), (3, 3))              # int4 only: the GEMV (batches of 1 to 8 rows)
 
 
 def rel(y, ref):
@@ -39,7 +40,7 @@ def main(quick: bool) -> int:
     bad = 0
     cases = 0
     dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16)
-    batches = (1, 17) if quick else (1, 9, 17, 30)
+    batches = (1, 17) if quick else (1, 5, 9, 17, 30)
     for spec in SPECS:
         for n, k in ((37, 200), (45, 256)):
             qt = quantize(torch.randn(n, k, device=dev) * 0.05, spec)
@@ -47,7 +48,7 @@ def main(quick: bool) -> int:
             wd = dequantize(qt, torch.float64)
             for dtype in dtypes:
                 for m in batches:
-                    for splits, staging in PLANS:
+                    for splits, staging in PLANS + (GEMV_PLANS if spec.bits == 4 and not spec.is_fp8 else ()):
                         CUDA.splits, CUDA.staging = splits, staging
                         x = torch.randn(m, k, device=dev).to(dtype)
                         y = CUDA.linear(x, p)

@@ -1,0 +1,288 @@
+// gemv.cuh -- int4 GEMV for batches of 1 to 8 rows, on tensor cores, built for occupancy.
+//
+// The same maths and the same tiled layout as wgemm.cuh (cuda_i4x16 codes, scale and zero pairs per
+// row tile and group; mma.m16n8k16 with the weights as the A operand, codes made exact integers
+// q - z with lop3 onto a magic number, each group's fp32 sum scaled once), in a leaner shape:
+//
+//   - one row tile per warp, one batch tile (m <= 8), small blocks (4 warps) and a register budget
+//     of 72 per thread, so that 7 blocks (28 warps) are resident per multiprocessor where wgemm
+//     holds 12: latency is hidden by warps more than by unrolled code;
+//   - groups of 128 or 256 inputs: the main loop runs bodies of DEPTH tiles whose group boundaries
+//     are compile-time constants (no per-tile group test, scale and zero pairs loaded one body
+//     ahead); other groups go tile by tile;
+//   - the block's rows of x for its whole K range are staged once, row-major, with cp.async (one
+//     barrier, before the main loop); the B fragments come from shared memory with ldmatrix, the
+//     rows past m pointing at row m - 1 (their output columns are never stored);
+//   - codes stream with 16-byte loads DEPTH tiles ahead of use per lane; scale and zero pairs one
+//     group ahead; no barrier and no shared-memory traffic for codes;
+//   - split-K over blockIdx.y with the same workspace, counters and deterministic reduction as
+//     wgemm (the last block of a row range adds the partial sums in split order).
+#pragma once
+
+#include "wgemm.cuh"
+
+namespace ciuic {
+
+constexpr int kGemvWarps = 4;
+constexpr int kGemvThreads = kGemvWarps * 32;
+// batch rows up to which CIUIC_STAGE_AUTO takes the GEMV
+constexpr int kGemvAutoM = 4;
+
+#ifndef CIUIC_GEMV_DEPTH
+#define CIUIC_GEMV_DEPTH 4  // tiles of codes in flight per lane (and tiles per unrolled body)
+#endif
+#ifndef CIUIC_GEMV_MINB
+#define CIUIC_GEMV_MINB 7  // resident blocks per multiprocessor the registers are cut for (72 each)
+#endif
+
+// Shared memory of a block (its staged x): kGemvBudget by default (the launcher adds splits to stay
+// under it; 7 blocks of it fit a multiprocessor), never more than kGemvMaxBytes.
+constexpr int kGemvBudget = 24 * 1024;
+constexpr int kGemvMaxBytes = 96 * 1024;
+
+// GT: tiles per scale group when the group is 2 or 4 tiles (the main loop then runs bodies of DEPTH
+// tiles whose group boundaries are known at compile time); 0: any group (64 inputs, 512 and more, one
+// per row), tile by tile with run-time group boundaries.
+template <bool BF16, int GT>
+__global__ void __launch_bounds__(kGemvThreads, CIUIC_GEMV_MINB) gemv_i4_kernel(const Params p) {
+  using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
+  constexpr int D = CIUIC_GEMV_DEPTH;
+  static_assert(GT == 0 || D % (GT > 0 ? GT : 1) == 0, "a body holds whole groups");
+  constexpr int NG = GT > 0 ? D / GT : 1;  // groups per body
+  extern __shared__ __align__(128) unsigned char dsm[];
+  __shared__ int s_last;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int split = blockIdx.y;
+  const int m_rows = p.m;
+  const int kt_begin = split * p.tps;  // a multiple of D (the launcher's plan)
+  const int kt_end = min(p.kt, kt_begin + p.tps);
+  const int nkt = kt_end - kt_begin;
+  const int ntile = blockIdx.x * kGemvWarps + warp;
+  const bool live = ntile < p.nt;
+  const int rs = p.wstride;  // bytes per staged x row (a multiple of 128, plus 16)
+
+  // codes: the first D tiles in flight before x is staged
+  const uint4 *cp = p.codes + (static_cast<size_t>(live ? ntile : 0) * p.kt + kt_begin) * 32 + lane;
+  uint4 w[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d) w[d] = (live && d < nkt) ? ld_stream(cp + d * 32) : make_uint4(0, 0, 0, 0);
+
+  const size_t gb = static_cast<size_t>(live ? ntile : 0) * p.n_groups * 8 + g;
+  const uint32_t *sb = static_cast<const uint32_t *>(p.scales) + gb;
+  const uint16_t *zb = p.zeros ? p.zeros + gb : nullptr;
+  static_assert(NG <= 2, "zero pairs of a body are packed in one word");
+  // scale pairs of the groups of the body starting at tile i0, and their zero pairs packed in one
+  // word (group j in bits 16j..16j+15)
+  auto load_groups = [&](int i0, uint32_t (&sg)[NG], uint32_t &zg) {
+    zg = 0;
+#pragma unroll
+    for (int j = 0; j < NG; ++j) {
+      const int gi = (kt_begin + i0) / (GT > 0 ? GT : 1) + j;
+      const bool ok = live && gi < p.n_groups;
+      sg[j] = ok ? __ldg(sb + gi * 8) : 0u;
+      zg |= ((ok && zb) ? static_cast<uint32_t>(__ldg(zb + gi * 8)) : p.zconst) << (16 * j);
+    }
+  };
+  uint32_t sc[NG], sn[NG], zc = 0, zn = 0;
+  if constexpr (GT > 0) {
+    load_groups(0, sc, zc);
+    load_groups(D, sn, zn);
+  }
+
+  // x rows [m][kt_begin * 64, kt_end * 64), row-major, zeros past k
+  {
+    const int span = nkt * 64;
+    if (p.xvec) {
+      const int vpr = span >> 3;
+      const char *xb = static_cast<const char *>(p.x);
+      for (int i = tid; i < m_rows * vpr; i += kGemvThreads) {
+        const int row = i / vpr, cv = i - row * vpr;
+        const int kk = kt_begin * 64 + cv * 8;
+        const bool in = kk < p.k;
+        const char *src = in ? xb + (static_cast<size_t>(row) * p.k + kk) * 2 : xb;
+        cp_async16(smem_u32(dsm + row * rs + cv * 16), src, in ? 16 : 0);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+    } else {
+      const uint16_t *xh = static_cast<const uint16_t *>(p.x);
+      for (int i = tid; i < m_rows * span; i += kGemvThreads) {
+        const int row = i / span, kk = i - row * span;
+        const int kg = kt_begin * 64 + kk;
+        const uint16_t v = kg < p.k ? xh[static_cast<size_t>(row) * p.k + kg] : static_cast<uint16_t>(0);
+        *reinterpret_cast<uint16_t *>(dsm + row * rs + kk * 2) = v;
+      }
+    }
+  }
+  __syncthreads();
+
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, tot[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#if CIUIC_PROBE == 1
+  uint32_t sink = 0;
+#endif
+  // ldmatrix rows: matrix j of an x4 is inputs 8j..8j+7 of a 32-input run; row r is batch row
+  // min(r, m - 1)
+  const uint32_t xaddr = smem_u32(dsm) + min(lane & 7, m_rows - 1) * rs + (lane >> 3) * 16;
+
+  // end of a group: its sums times its scale pair into the totals
+  auto scale_into = [&](uint32_t s2) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&s2));
+    tot[0] = fmaf(acc[0], f.x, tot[0]);
+    tot[1] = fmaf(acc[1], f.x, tot[1]);
+    tot[2] = fmaf(acc[2], f.y, tot[2]);
+    tot[3] = fmaf(acc[3], f.y, tot[3]);
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
+  };
+  // one tile: x fragments from shared memory, 4 k16 steps of dequant + mma
+  auto tile = [&](const uint4 cur, int i, uint32_t zlo, uint32_t zhi) {
+    uint32_t b[2][4];
+    ldsm_x4(b[0], xaddr + i * 128);
+    ldsm_x4(b[1], xaddr + i * 128 + 64);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t word = q == 0 ? cur.x : q == 1 ? cur.y : q == 2 ? cur.z : cur.w;
+      uint32_t a[4];
+      dequant<CIUIC_FMT_INT4, BF16>(word, 0, zlo, zhi, a);
+      mma16816<BF16>(acc, a, b[q >> 1][(q & 1) * 2], b[q >> 1][(q & 1) * 2 + 1]);
+    }
+  };
+
+  int i0 = 0;  // first tile of the run-time path
+  if constexpr (GT > 0) {
+    // bodies of D tiles, each starting on a group boundary; scale and zero pairs one body ahead
+    const int nfull = live ? nkt / D * D : 0;
+    for (int i = 0; i < nfull; i += D) {
+      uint32_t zlo = 0, zhi = 0;
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+#if CIUIC_PROBE == 2
+        const uint32_t h = (lane * 0x9E3779B9u) ^ static_cast<uint32_t>((i + d) * 0x85EBCA6Bu);
+        const uint4 cur = make_uint4(h, h >> 3, h ^ 0x5A5A5A5Au, h + 0x01010101u);
+#else
+        const uint4 cur = w[d];
+        if (i + d + D < nkt) w[d] = ld_stream(cp + (d + D) * 32);
+#endif
+#if CIUIC_PROBE == 1
+        sink ^= cur.x ^ cur.y ^ cur.z ^ cur.w;
+        continue;
+#endif
+        if (d % GT == 0) zero_words<CIUIC_FMT_INT4, BF16>(zc >> (16 * (d / GT)), zlo, zhi);
+        tile(cur, i + d, zlo, zhi);
+        if ((d + 1) % GT == 0) scale_into(sc[d / GT]);
+      }
+      cp += D * 32;
+#pragma unroll
+      for (int j = 0; j < NG; ++j) sc[j] = sn[j];
+      zc = zn;
+      if (i + 2 * D < nkt) load_groups(i + 2 * D, sn, zn);
+    }
+    i0 = nfull;
+    cp -= nfull * 32;
+  }
+
+  // run-time path: tiles [i0, nkt) one at a time (every tile for GT == 0, the last split's tail for
+  // GT > 0, which starts on a group boundary); scale and zero pairs one group ahead
+  if (live && i0 < nkt) {
+    const uint32_t gshift = static_cast<uint32_t>(p.gshift), gmask = (1u << gshift) - 1u;
+    int gnext = ((kt_begin + i0) >> gshift) + 1;
+    uint32_t s_cur, s_nxt = 0, z_nxt = p.zconst, zlo, zhi;
+    {
+      const int g0 = (kt_begin + i0) >> gshift;
+      s_cur = __ldg(sb + g0 * 8);
+      const uint32_t z0 = zb ? static_cast<uint32_t>(__ldg(zb + g0 * 8)) : p.zconst;
+      if (gnext < p.n_groups) {
+        s_nxt = __ldg(sb + gnext * 8);
+        if (zb) z_nxt = __ldg(zb + gnext * 8);
+      }
+      zero_words<CIUIC_FMT_INT4, BF16>(z0, zlo, zhi);
+    }
+    for (int base = i0; base < nkt; base += D) {
+#pragma unroll
+      for (int d = 0; d < D; ++d) {
+        const int i = base + d;
+        if (i >= nkt) break;
+        const int kt = kt_begin + i;
+#if CIUIC_PROBE == 2
+        const uint32_t h = (lane * 0x9E3779B9u) ^ static_cast<uint32_t>(i * 0x85EBCA6Bu);
+        const uint4 cur = make_uint4(h, h >> 3, h ^ 0x5A5A5A5Au, h + 0x01010101u);
+#else
+        const uint4 cur = w[d];
+        if (i + D < nkt) w[d] = ld_stream(cp + (i + D) * 32);
+#endif
+#if CIUIC_PROBE == 1
+        sink ^= cur.x ^ cur.y ^ cur.z ^ cur.w;
+        continue;
+#endif
+        if (i > i0 && (kt & gmask) == 0) {  // a new group: its pairs were loaded one group ahead
+          s_cur = s_nxt;
+          zero_words<CIUIC_FMT_INT4, BF16>(z_nxt, zlo, zhi);
+          ++gnext;
+          if (gnext < p.n_groups) {
+            s_nxt = __ldg(sb + gnext * 8);
+            if (zb) z_nxt = __ldg(zb + gnext * 8);
+          }
+        }
+        tile(cur, i, zlo, zhi);
+        if (((kt + 1) & gmask) == 0 || i + 1 == nkt) scale_into(s_cur);
+      }
+    }
+  }
+
+#if CIUIC_PROBE == 1
+  if (sink == 0x9E3779B9u) tot[0] += 1.0f;
+#endif
+  // ---- epilogue: lane (g, t) holds rows g, g + 8 of its tile for batch rows 2t, 2t + 1
+  T *yo = static_cast<T *>(p.y);
+  const T *bias = static_cast<const T *>(p.bias);
+  if (gridDim.y == 1) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = ntile * 16 + g + 8 * (e >> 1);
+      const int m = 2 * t4 + (e & 1);
+      if (live && row < p.n && m < m_rows) {
+        float v = tot[e];
+        if (bias) v += to_f<T>(bias[row]);
+        yo[static_cast<size_t>(m) * p.n + row] = from_f<T>(v);
+      }
+    }
+    return;
+  }
+
+  // split-K: this split's partial sums, then the last block of the row range adds them up
+  const int npad = p.nt * 16;
+  const size_t zstride = static_cast<size_t>(m_rows) * npad;
+  float *part = p.ws + static_cast<size_t>(split) * zstride;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int row = ntile * 16 + g + 8 * (e >> 1);
+    const int m = 2 * t4 + (e & 1);
+    if (live && m < m_rows) part[static_cast<size_t>(m) * npad + row] = tot[e];
+  }
+  __threadfence();
+  __syncthreads();
+  int *counter = p.counters + blockIdx.x;
+  if (tid == 0) s_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.y) - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  constexpr int NR = kGemvWarps * 16;
+  const int r0 = blockIdx.x * NR;
+  for (int i = tid; i < m_rows * NR; i += kGemvThreads) {
+    const int m = i / NR, row = r0 + (i - m * NR);
+    if (row >= p.n) continue;
+    float v = sum_splits(p.ws + static_cast<size_t>(m) * npad + row, gridDim.y, zstride);
+    if (bias) v += to_f<T>(bias[row]);
+    yo[static_cast<size_t>(m) * p.n + row] = from_f<T>(v);
+  }
+  if (tid == 0) *counter = 0;
+}
+
+// Launch the GEMV for one launch of m <= 8 rows (int4, plain linear). Splits: as requested (raised
+// until the staged x fits kGemvMaxBytes), else the most that fit one wave of resident blocks, raised
+// until x fits kGemvBudget. *launched is false (and nothing is launched) when x cannot fit because
+// there is no workspace to split K with; the caller then takes wgemm.
+cudaError_t launch_gemv_int4(bool bf16, Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched);
+
+}  // namespace ciuic
