@@ -51,6 +51,7 @@ from .plan import KEEP_CONFIG, Plan, SiteConfig, keep_plan, matches, resolve
 from .quant import QTensor, QuantSpec, dequantize, quantize
 from .quant.spec import FP8_BLOCK, INT_BITS, KEEP
 from .recipe import FUSIONS, KV_CACHE, PRESETS, Recipe, spec_from_fields
+from .search.calibrate import prepare_calibrated
 from .sites import Site, sites as list_sites
 from .transforms import apply, backends_in_use, describe, revert, state_of
 from .transforms.apply import loaded_weight
@@ -145,6 +146,43 @@ class _Counting(MutableMapping):
 
     def __len__(self) -> int:
         return len(self.cache)
+
+
+class _Pinned(MutableMapping):
+    """The weight cache, plus the entries read or stored through this view held until it is dropped
+    (the byte-bounded cache may evict them before apply gets to them)."""
+
+    def __init__(self, cache: MutableMapping):
+        self.cache, self.held = cache, {}
+
+    def __getitem__(self, key):
+        if key in self.held:
+            return self.held[key]
+        value = self.held[key] = self.cache[key]
+        return value
+
+    def get(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key) -> bool:
+        return key in self.held or self.get(key) is not None
+
+    def __setitem__(self, key, value) -> None:
+        self.held[key] = value
+        self.cache[key] = value
+
+    def __delitem__(self, key) -> None:
+        self.held.pop(key, None)
+        self.cache.pop(key, None)
+
+    def __iter__(self):
+        return iter(set(self.held) | set(self.cache))
+
+    def __len__(self) -> int:
+        return len(set(self.held) | set(self.cache))
 
 
 # --------------------------------------------------------------------------------------- memory
@@ -260,6 +298,9 @@ class Session:
         self._by_name: dict[str, Site] = {s.name: s for s in self.sites}
         self.es: EvalSet = get_evalset(evalset)
         self.weights = WeightCache(cache_bytes)
+        # input Hessians of calibrated sites (GPTQ, output clipping), within the same byte budget
+        self._hessians: cachetools.LRUCache = cachetools.LRUCache(
+            maxsize=max(cache_bytes, 1), getsizeof=lambda h: 1 if h is None else h.numel() * h.element_size())
         self._site_err: cachetools.LRUCache = cachetools.LRUCache(maxsize=max(4096, 8 * len(self.sites)))
         self._layers = LayerReuse(self.model, self.sites)
         with _quiet_transformers():  # the held-out text is longer than the model's window, on purpose
@@ -634,10 +675,15 @@ class Session:
     def _apply(self, plan: Plan) -> None:
         """Apply ``plan`` incrementally, with the weight cache, reporting progress per quantized site."""
         self._check_banks(plan)
+        base: MutableMapping = self.weights
+        if any(not c.keep and c.spec.needs_calibration for c in plan.configs.values()):
+            base = _Pinned(self.weights)  # calibrated weights must survive until apply has used them
+            self._note(0.05, "calibrating (GPTQ / output clipping)")
+            prepare_calibrated(self.model, self.tokenizer, plan, base, hessians=self._hessians)
         old = state_of(self.model).plan
         todo = sum(1 for n, c in plan.configs.items() if not c.keep and (old is None or old.configs.get(n) != c))
-        cache = _Counting(self.weights, lambda i: self._note(0.6 * i / todo, f"quantizing {i}/{todo} sites")) \
-            if todo > 8 else self.weights
+        cache = _Counting(base, lambda i: self._note(0.6 * i / todo, f"quantizing {i}/{todo} sites")) \
+            if todo > 8 else base
         apply(self.model, plan, cache=cache)
 
     def _check_banks(self, plan: Plan) -> None:

@@ -377,3 +377,30 @@ def test_layer_reuse_gives_the_full_forward_bit_for_bit(fresh):
             want = fresh.model(input_ids=x, use_cache=False).logits
         assert torch.equal(got, want)
     assert all(type(m).__name__ != "_Replay" for m in reuse.layers)
+
+
+def test_calibrated_formats_in_the_workbench(fresh):
+    """GPTQ and output clipping are calibrated on first use, the Hessians kept for the next change,
+    and the result is what a plain calibrated apply gives."""
+    from ciuic_lab import apply, revert
+    from ciuic_lab.search import prepare_calibrated
+
+    s = fresh
+    s.set("attn.kv_b", bits=3, group=32, method="gptq")
+    assert all(s.plan.configs[n].spec.method == "gptq" for n in s.select("attn.kv_b"))
+    held = len(s._hessians)
+    assert held == len(s.select("attn.kv_b"))
+    logits = _logits(s)
+    s.set("attn.kv_b", clip="output")  # a new spec on the same sites: no new calibration pass
+    assert len(s._hessians) == held and s.plan.configs[KV_B].spec.clip == "output"
+    s.set("attn.kv_b", clip="minmax", method="rtn")
+    s.undo()
+    s.undo()
+    assert torch.equal(_logits(s), logits)  # the cached GPTQ weights, bit for bit
+    plan = s.plan
+    s.reset()
+    cache: dict = {}
+    prepare_calibrated(s.model, s.tokenizer, plan, cache)
+    apply(s.model, plan, cache=cache)
+    assert torch.equal(_logits(s), logits)
+    revert(s.model)

@@ -26,6 +26,7 @@ CALIBRATION = Path(__file__).resolve().parents[1] / "measure" / "evalset" / "cal
 # lands behind round-to-nearest on held-out text. 8,192 tokens (the whole calibration file is ~10k)
 # put it ahead: int4 g128 KL 0.73x RTN, int3 0.75x on tiny-deepseek.
 CALIBRATION_TOKENS = 8192
+_MISSING = object()
 
 
 def calibration_ids(tokenizer, tokens: int = CALIBRATION_TOKENS, window: int = 128) -> torch.Tensor:
@@ -96,20 +97,25 @@ def prepare_calibrated(model: nn.Module, tokenizer, plan: Plan, cache: MutableMa
     if not todo:
         return 0
     hs = hessians if hessians is not None else {}
-    missing = [s for s in todo if s.name not in hs]
+    local: dict = {}  # this call's Hessians, whatever a bounded ``hessians`` cache evicts meanwhile
+    for s in todo:
+        h = hs.get(s.name, _MISSING)
+        if h is not _MISSING:
+            local[s.name] = h
+    missing = [s for s in todo if s.name not in local]
     if missing:
         if state_of(model).plan is not None:
             revert(model)
-        hs.update(collect_hessians(model, tokenizer, missing, tokens))
-        for s in missing:  # no calibration token reached it (an unused expert): marked, identity below
-            hs.setdefault(s.name, None)
+        got = collect_hessians(model, tokenizer, missing, tokens)
+        for s in missing:  # None: no calibration token reached it (an unused expert)
+            local[s.name] = hs[s.name] = got.get(s.name)
     folds, _ = fold_sources(model, plan)
     st = state_of(model)
     for i, s in enumerate(todo):
         spec = plan.configs[s.name].spec
         fold = folds.get(s.name)
         w = site_weight(model, st, s, fold)
-        h = hs.get(s.name)
+        h = local[s.name]
         if h is None:  # identity Hessian: GPTQ and output clipping reduce to their weight-error forms
             h = torch.eye(s.k, dtype=torch.float64)
         elif fold:  # the folded weight multiplies x / gamma
