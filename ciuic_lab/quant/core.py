@@ -209,6 +209,11 @@ def _mse_shrink(wg: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return best
 
 
+def _weight_grid(wg: torch.Tensor, spec: QuantSpec):
+    """Scales and zero points of grouped weights from the weights alone (``minmax`` or ``mse`` clipping)."""
+    return _int_params(wg, spec, _mse_shrink(wg, spec) if spec.clip == "mse" else 1.0)
+
+
 # -------------------------------------------------------------------------- API
 def quantize(w: torch.Tensor, spec: QuantSpec) -> QTensor:
     """Quantize a weight ``[..., N, K]`` (N output rows, K inputs) to ``spec``."""
@@ -227,8 +232,7 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> QTensor:
     if spec.is_fp8:
         return _quantize_fp8(wf, spec, dtype)
     wg, g, n_groups = _grouped(wf, spec)
-    shrink = _mse_shrink(wg, spec) if spec.clip == "mse" else 1.0
-    s16, z = _int_params(wg, spec, shrink)
+    s16, z = _weight_grid(wg, spec)
     q = _int_codes(wg, s16, z, spec.bits)
     k = shape[-1]
     codes = q.reshape(*shape[:-1], -1)[..., :k].to(torch.uint8)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CiuicError
-from .core import QTensor, _check_finite, _grouped, _int_codes, _int_params, _mse_shrink
+from .core import QTensor, _check_finite, _grouped, _int_codes, _int_params, _weight_grid, quantize_codes
 from .pack import pack
 from .spec import QuantSpec
 
@@ -58,7 +58,7 @@ def output_clip(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, passes: int =
     steps = ZERO_STEPS if spec.scheme == "asym" else (0,)
     if spec.group == "tensor":
         hf = _normalized(h, k)
-        wt = wf.reshape(1, 1, -1)
+        wt = _grouped(wf, spec)[0]  # [1, 1, N*K]
         best = None
         for a in OUTPUT_GRID:
             s16, z0 = _int_params(wt, spec, a)
@@ -112,24 +112,12 @@ def _static_params(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec) -> tuple[t
     """Group scales and zero points for the spec's clipping, from the weight before any update."""
     if spec.clip == "output":
         return output_clip(w, h, spec)
-    wf = w.detach().to(torch.float32)
-    wg = wf.reshape(1, 1, -1) if spec.group == "tensor" else _grouped(wf, spec)[0]
-    s16, z = _int_params(wg, spec, _mse_shrink(wg, spec) if spec.clip == "mse" else 1.0)
-    return (s16.reshape(1, 1), z.reshape(1, 1)) if spec.group == "tensor" else (s16, z)
+    return _weight_grid(_grouped(w.detach().to(torch.float32), spec)[0], spec)
 
 
 def _qtensor(spec: QuantSpec, w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> QTensor:
     zq = zeros.to(torch.uint8) if spec.scheme == "asym" else None
     return QTensor(spec, tuple(w.shape), pack(codes.to(torch.uint8), spec.bits), scales, zq, w.dtype)
-
-
-def _codes_on_grid(w: torch.Tensor, spec: QuantSpec, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    wf = w.detach().to(torch.float32)
-    n, k = wf.shape
-    if spec.group == "tensor":
-        return _int_codes(wf.reshape(1, 1, -1), scales, zeros, spec.bits).reshape(n, k)
-    wg, _, _ = _grouped(wf, spec)
-    return _int_codes(wg, scales, zeros, spec.bits).reshape(n, -1)[:, :k]
 
 
 def calibrated_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec) -> QTensor:
@@ -140,7 +128,7 @@ def calibrated_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec) -> QT
     if spec.clip != "output":
         raise CiuicError(f"{spec.label()} needs no calibration; use ciuic_lab.quant.quantize")
     scales, zeros = output_clip(w, h, spec)
-    return _qtensor(spec, w, _codes_on_grid(w, spec, scales, zeros), scales, zeros)
+    return _qtensor(spec, w, quantize_codes(w, spec, scales, zeros), scales, zeros)
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01,
