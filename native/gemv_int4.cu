@@ -8,14 +8,8 @@ static cudaError_t launch_gemv(Params p, const SplitRequest &rq, cudaStream_t st
   constexpr int D = CIUIC_GEMV_DEPTH;
   *launched = false;
   auto kernel = gemv_i4_kernel<BF16, GT>;
-  static int occ = 0;  // resident blocks per multiprocessor at the default budget
-  if (occ == 0) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kGemvMaxBytes);
-    int v = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, kGemvThreads, kGemvBudget) != cudaSuccess || v <= 0)
-      v = 4;
-    occ = v;
-  }
+  // resident blocks per multiprocessor at the default budget, once per instantiation
+  static const int occ = resident_blocks(kernel, kGemvThreads, kGemvMaxBytes, kGemvBudget, 4);
   // tiles per split (a multiple of D) whose staged x fits `bytes`
   const int rows = p.m;
   auto fit = [&](int bytes) { return ((bytes - 16 * rows) / (rows * 128)) / D * D; };

@@ -795,20 +795,24 @@ struct SplitRequest {
 // multiprocessor (api.cu).
 int plan_splits(const SplitRequest &rq, int kt, int ck, int occ, int *tps);
 
+// Let `kernel` use up to `max_smem` bytes of dynamic shared memory and return how many of its blocks
+// of `threads` fit on a multiprocessor with `smem` bytes each (`fallback` if the query fails).
+template <class Kernel>
+int resident_blocks(Kernel kernel, int threads, int max_smem, int smem, int fallback) {
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
+  int v = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, threads, smem) != cudaSuccess || v <= 0) v = fallback;
+  return v;
+}
+
 // Launch one instantiation with its split-K plan; returns the launch's error.
 template <int FMT, bool BF16, int MT, int RT, int MODE>
 cudaError_t launch_wgemm(Params p, dim3 grid, const SplitRequest &rq, cudaStream_t stream) {
   constexpr int CK = chunk_tiles(FMT, RT);
   constexpr int chunk_bytes = 2 * MT * 8 * (CK * 64 * 2 + 16);  // two x chunk buffers
   auto kernel = wgemm_kernel<FMT, BF16, MT, RT, MODE>;
-  static int occ = 0;  // resident blocks per multiprocessor (registers, shared memory)
-  if (occ == 0) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWholeMaxBytes);
-    int v = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, kThreads, chunk_bytes) != cudaSuccess || v <= 0)
-      v = 2;
-    occ = v;
-  }
+  // resident blocks per multiprocessor (registers, shared memory), once per instantiation
+  static const int occ = resident_blocks(kernel, kThreads, kWholeMaxBytes, chunk_bytes, 2);
   const int ck = CK;
   int tps = 0;
   SplitRequest r1 = rq;
