@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CiuicError
-from ..kernels.cuda import STAGE_NAMES
+from ..kernels.cuda import STAGE_CHUNK, STAGE_GEMV, STAGE_NAMES, STAGE_WHOLE, TUNE_SPLITS
 from ..quant import QuantSpec, dequantize, quantize
 
 # DeepSeek-V3 projections, (K inputs, N outputs)
@@ -212,8 +212,8 @@ def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
                     row["config"] = {"splits": cfg[0][0], "staging": STAGE_NAMES[cfg[0][1]]}
                 if sweep and f == "int4":
                     sw = {}
-                    for st in (2, 1, 3):
-                        for s in (1, 2, 3, 4, 6, 8, 12, 16):
+                    for st in (STAGE_CHUNK, STAGE_WHOLE, STAGE_GEMV):
+                        for s in TUNE_SPLITS:
                             backend.splits, backend.staging = s, st
                             try:
                                 sw[f"{STAGE_NAMES[st][0]}{s}"] = time_calls([lambda c=c: backend.linear(x, c) for c in cps],

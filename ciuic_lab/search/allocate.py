@@ -260,7 +260,7 @@ def verify(model: nn.Module, tokenizer, plans: dict[str, Plan], es="standard", t
     for i, (name, plan) in enumerate(plans.items()):
         site_list = site_list or list(plan.sites.values())
         cache: dict = {}
-        prepare_calibrated(model, tokenizer, plan, cache)  # error-compensated sites are calibrated first
+        prepare_calibrated(model, tokenizer, plan, cache)  # GPTQ / output-clipped sites are calibrated first
         apply(model, plan, cache=cache)
         try:
             rep = compare(base, snapshot(model, tokenizer, es, timing=timing), model, site_list)

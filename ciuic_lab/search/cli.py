@@ -14,7 +14,7 @@ from ..sites import sites as list_sites
 from .allocate import allocate, kernel_latency, refine, uniform, verify
 from .sensitivity import label, parse_formats, sensitivity
 
-# GPTQ with MSE-clipped group scales beats round-to-nearest at every width on held-out text, and two
+# GPTQ on output-clipped group grids beats round-to-nearest at every width on held-out text, and two
 # group sizes give the allocator finer steps (docs/benchmarks.md, Search). int2 is offered only when
 # the budget needs it (below 3.5 bits per weight, or a latency budget): its errors compound far beyond
 # the sum of the single-site KLs the allocator predicts from, so at 4 bpw it makes plans worse.
