@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import QTensor, concat_rows, dequantize
-from .modules import QuantLinear, is_silu
+from .modules import QuantExperts, QuantLinear, is_silu
 
 FUSABLE_ATTENTION = ("DeepseekV3Attention",)
 
@@ -119,8 +119,19 @@ class FastRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.dim, self.weight, self.eps)
-        y = F.rms_norm(x.float(), self.dim, None, self.eps).to(x.dtype)
+        y = rms_unscaled(x, self.dim, self.eps)
         return y if self.weight is None else self.weight * y
+
+
+def rms_unscaled(x: torch.Tensor, dim: tuple[int], eps: float) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2) + eps)`` computed in fp32 and rounded once to ``x``'s dtype.
+
+    On a GPU the fused kernel reads bf16/fp16 and accumulates in fp32 itself: one launch instead of
+    three (up-cast, norm, down-cast), which at decode is 48 launches per step of a 6-layer model.
+    """
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return F.rms_norm(x, dim, None, eps)
+    return F.rms_norm(x.float(), dim, None, eps).to(x.dtype)
 
 
 def fast_norm(norm: nn.Module, folded: bool = False) -> FastRMSNorm:
@@ -138,13 +149,17 @@ class FusedMoE(nn.Module):
         self.simple_router = getattr(g, "num_group", 1) == 1 and getattr(g, "topk_group", 1) == 1
         self.top_k, self.norm_topk_prob = g.top_k, bool(g.norm_topk_prob)
         self.scale = float(g.routed_scaling_factor)
+        # the router scores in fp32 as transformers computes them; its weight up-cast once, not every step
+        # (stage 2 is rebuilt on every apply, so this copy follows any change to the router)
+        w = g.weight.detach()
+        self.register_buffer("_router_w", w if w.dtype == torch.float32 else w.float(), persistent=False)
 
     def _route(self, h: torch.Tensor):
         g = self.gate
         if not self.simple_router:
             _, w, idx = g(h)
             return w, idx
-        wr = g.weight
+        wr = self._router_w
         scores = F.linear(h if h.dtype == torch.float32 else h.float(),
                           wr if wr.dtype == torch.float32 else wr.float()).sigmoid()
         idx = torch.topk(scores + g.e_score_correction_bias, k=self.top_k, dim=-1, sorted=False).indices
@@ -157,7 +172,54 @@ class FusedMoE(nn.Module):
         shape = hidden_states.shape
         h = hidden_states.reshape(-1, shape[-1])
         w, idx = self._route(h)
+        pair = self._shared_pair()
+        if pair is not None:
+            # the shared expert as one more selected expert of weight 1, in the same grouped launch
+            col_i, col_w = self._shared_columns(h.shape[0], idx.device)
+            out = self.experts._grouped(h, torch.cat([idx, col_i], 1), torch.cat([w, col_w], 1), extra=pair)
+            if out is not NotImplemented:
+                return out.view(shape)
         return self.experts(h, idx, w).view(shape) + self.shared_experts(hidden_states)
+
+    _shared: tuple | None = None    # (shared_experts module seen, its (gate_up, down) QTensors or None)
+    _columns: tuple | None = None   # (tokens, device, expert-index column, weight column)
+
+    def _shared_pair(self) -> tuple[QTensor, QTensor] | None:
+        """The shared expert's ``(gate_up, down)`` when it can ride in the routed experts' grouped launch:
+        quantized like them, same shapes, SiLU, no biases. Looked up on first use, because the gate_up
+        fusion may replace the shared expert after this module is built."""
+        se, ex = self.shared_experts, self.experts
+        if self._shared is not None and self._shared[0] is se:
+            return self._shared[1]
+        pair = None
+        if isinstance(ex, QuantExperts) and not ex._any_dense and ex._silu and is_silu(getattr(se, "act_fn", None)):
+            gu = None
+            if isinstance(se, FusedGateUpMLP) and isinstance(se.gate_up, QuantLinear) and se.gate_up.bias is None:
+                gu = se.gate_up.qt
+            elif all(isinstance(getattr(se, a, None), QuantLinear) and getattr(se, a).bias is None
+                     for a in ("gate_proj", "up_proj")):
+                try:
+                    gu = concat_rows([se.gate_proj.qt, se.up_proj.qt])
+                except ValueError:
+                    gu = None
+            dn = se.down_proj
+            g0, d0 = ex.gate_up_q[0], ex.down_q[0]
+            if gu is not None and isinstance(dn, QuantLinear) and dn.bias is None and gu.spec == g0.spec \
+                    and dn.qt.spec == d0.spec and gu.shape == g0.shape and dn.qt.shape == d0.shape:
+                pair = (gu, dn.qt)
+        self._shared = (se, pair)
+        return pair
+
+    def _shared_columns(self, tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Constant columns appended to the routing: the shared expert's index (one past the routed ones)
+        and its weight 1; kept, so a decode step adds one concatenation each and no fills."""
+        c = self._columns
+        if c is None or c[0] != tokens or c[1] != device:
+            e = self.experts.num_experts
+            c = (tokens, device, torch.full((tokens, 1), e, dtype=torch.int64, device=device),
+                 torch.ones((tokens, 1), dtype=torch.float32, device=device))
+            self._columns = c
+        return c[2], c[3]
 
 
 # ------------------------------------------------------------------ MLA
@@ -333,7 +395,10 @@ class FusedMLA(nn.Module):
         m = self._mask(mask, q, s, scores.device, scores.dtype)
         if m is not None:
             scores = scores + m
-        p = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if scores.is_cuda and scores.dtype in (torch.bfloat16, torch.float16):
+            p = torch.softmax(scores, dim=-1)  # the GPU kernel accumulates in fp32 and rounds once
+        else:
+            p = torch.softmax(scores, dim=-1, dtype=torch.float32)
         if p.dtype != c.dtype:
             p = p.to(c.dtype)
         o = torch.bmm(p.view(b, H * q, s), c)  # [b, H*q, r]
@@ -408,7 +473,7 @@ def _rms(norm: nn.Module, x: torch.Tensor, scale: bool = True) -> torch.Tensor:
         w = norm.weight if scale else None
         if x.dtype == torch.float32:
             return F.rms_norm(x, norm.dim, w, norm.eps)
-        y = F.rms_norm(x.float(), norm.dim, None, norm.eps).to(x.dtype)
+        y = rms_unscaled(x, norm.dim, norm.eps)
         return y if w is None else w * y
     return norm(x)
 

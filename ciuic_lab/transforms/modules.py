@@ -88,6 +88,7 @@ class QuantExperts(nn.Module, _Kerneled):
         self.grouped = False  # the moe_grouped fusion: one grouped call per layer
         self._init_kernel(layout, kernel)
         self._moe_prepared: tuple | None = None
+        self._moe_extra: tuple | None = None  # (gate_up, down QTensors, lists with their prepared forms)
         # the per-expert lists are fixed at construction: which banks are quantized, and the activation
         self._all_dense = all(q is None for q in gate_up) and all(q is None for q in down)
         self._any_dense = any(q is None for q in gate_up) or any(q is None for q in down)
@@ -102,11 +103,13 @@ class QuantExperts(nn.Module, _Kerneled):
             return F.linear(x, w.to(x.dtype))
         return self._run(qt, x, None, slot=e * 2 + (which == "down"))
 
-    def _grouped(self, hidden: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor):
+    def _grouped(self, hidden: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, extra: tuple | None = None):
+        """The selected experts in one grouped backend call, or NotImplemented. ``extra``: one more
+        ``(gate_up, down)`` pair of QTensors (a shared expert), addressed as expert ``num_experts``."""
         if self._any_dense:
             return NotImplemented
         spec = self.gate_up_q[0].spec
-        if any(q.spec != spec for q in self.gate_up_q + self.down_q):
+        if any(q.spec != spec for q in self.gate_up_q + self.down_q + list(extra or ())):
             return NotImplemented
         backend = REGISTRY.pick(hidden.device.type, spec, self.layout, hidden.shape[0], self.kernel)
         moe = getattr(backend, "moe", None)
@@ -116,7 +119,18 @@ class QuantExperts(nn.Module, _Kerneled):
             gu = [backend.prepare(q, self.layout) for q in self.gate_up_q]
             dn = [backend.prepare(q, self.layout) for q in self.down_q]
             self._moe_prepared = (backend.name, gu, dn)
-        out = moe(hidden, idx, wts, self._moe_prepared[1], self._moe_prepared[2])
+            self._moe_extra = None
+        gu, dn = self._moe_prepared[1], self._moe_prepared[2]
+        if extra is not None:
+            # the lists with the extra pair are kept (the backend keys its pointer tables on them); they
+            # share the routed experts' prepared weights, only the extra pair is prepared anew
+            x = self._moe_extra
+            if x is None or x[0] is not extra[0] or x[1] is not extra[1]:
+                x = (extra[0], extra[1], gu + [backend.prepare(extra[0], self.layout)],
+                     dn + [backend.prepare(extra[1], self.layout)])
+                self._moe_extra = x
+            gu, dn = x[2], x[3]
+        out = moe(hidden, idx, wts, gu, dn)
         if out is not NotImplemented:
             self.last_backend = backend.name
         return out

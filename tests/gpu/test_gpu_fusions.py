@@ -57,3 +57,40 @@ def test_fusions_with_int4_on_the_cuda_kernels_agree_to_bf16_precision(loaded):
         cl.revert(m)
     assert float((a - b).norm() / a.norm()) < 2e-2
     assert int(a.argmax()) == int(b.argmax())
+
+
+def test_bf16_norm_and_softmax_round_once_like_the_fp32_forms():
+    from ciuic_lab.transforms.fusions import rms_unscaled
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for n in (7, 513, 1536):
+        x = (torch.randn(3, n, device="cuda", generator=g) * 3).to(torch.bfloat16)
+        want = torch.nn.functional.rms_norm(x.float(), (n,), None, 1e-6).to(torch.bfloat16)
+        torch.testing.assert_close(rms_unscaled(x, (n,), 1e-6), want, rtol=2 ** -7, atol=1e-6)
+        s = x * 2
+        want = torch.softmax(s, -1, dtype=torch.float32).to(torch.bfloat16)
+        torch.testing.assert_close(torch.softmax(s, -1), want, rtol=2 ** -7, atol=1e-6)
+
+
+def test_bf16_decode_with_every_fusion_and_int4_agrees_with_unfused():
+    from ciuic_lab.transforms.fusions import FusedMoE
+
+    lo = cl.load("tiny-deepseek", dtype="bf16", device="cuda")
+    m, tok = lo.model, lo.tokenizer
+    ids = _ids(tok)
+    sites = cl.sites(m)
+    rules = [{"match": "*", "bits": 4, "group": 128}]
+    fus = {k: v for k, v in ALL.items() if k != "norm_fold"}
+    with torch.no_grad():
+        cl.apply(m, cl.resolve({"rules": rules}, sites))
+        out = m(ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        a = m(nxt, past_key_values=out.past_key_values, use_cache=True).logits[0, -1].double()
+        cl.apply(m, cl.resolve({"rules": rules, "fusions": fus}, sites))
+        out = m(ids, use_cache=True)
+        b = m(nxt, past_key_values=out.past_key_values, use_cache=True).logits[0, -1].double()
+        moes = [mod for mod in m.modules() if isinstance(mod, FusedMoE)]
+        assert moes and all(mod._shared[1] is not None for mod in moes)  # shared expert in the grouped launch
+        cl.revert(m)
+    assert float((a - b).norm() / a.norm()) < 3e-2
+    assert int(a.argmax()) == int(b.argmax())

@@ -8,7 +8,7 @@ from ciuic_lab import apply, load_recipe, resolve, revert
 from ciuic_lab.measure import fingerprint
 from ciuic_lab.recipe import FUSIONS
 from ciuic_lab.transforms import describe
-from ciuic_lab.transforms.fusions import FusedMLA, kv_cache_bytes_per_token, kv_cache_report
+from ciuic_lab.transforms.fusions import FusedMLA, FusedMoE, kv_cache_bytes_per_token, kv_cache_report
 
 ALL = {f: True for f in FUSIONS}
 
@@ -75,6 +75,9 @@ def test_fused_and_unfused_quantized_give_the_same_tokens(shaped, ids, recipe):
     f_pre, f_step = _prefill_and_step(m, ids)
     assert _rel(f_pre, q_pre) < 1e-4 and _rel(f_step, q_step) < 1e-4
     assert torch.equal(_gen(m, ids), q_gen)
+    if recipe == "int4-g128":  # the shared expert rode in the routed experts' grouped call
+        moes = [mod for mod in m.modules() if isinstance(mod, FusedMoE)]
+        assert moes and all(mod._shared is not None and mod._shared[1] is not None for mod in moes)
     revert(m)
 
 
