@@ -25,7 +25,7 @@ extern "C" {
 /* CDEF BEGIN */
 typedef struct CUstream_st *ciuic_stream_t;
 
-#define CIUIC_ABI_VERSION 2
+#define CIUIC_ABI_VERSION 3
 
 /* weight formats */
 #define CIUIC_FMT_INT4 0
@@ -110,6 +110,13 @@ int ciuic_moe_down(int fmt, int dtype, const void *h, int tokens, int top_k, con
                    const uint64_t *tab_scales, const uint64_t *tab_zeros, int inter, int hidden,
                    int group, int n_groups, void *out, void *workspace, int64_t workspace_bytes,
                    int splits, int staging, ciuic_stream_t stream);
+/* MoE router with one expert group (DeepSeek-V3's sigmoid scoring), from its fp32 logits [tokens,
+   n_experts] (h @ W^T): score = sigmoid(logit); each token's top_k experts by score + bias (bias fp32
+   [n_experts] or NULL; ties: the lower index) go to ids[t, :top_k] (int64) with weights score (divided
+   by their sum + 1e-20 when norm, then times scale) in wts[t, :top_k] (fp32). extra >= 0 appends expert
+   `extra` with weight 1 (ids and wts are then [tokens, top_k + 1]). n_experts <= 4096. */
+int ciuic_moe_route(const float *logits, int tokens, int n_experts, const float *bias, int top_k, int norm,
+                    float scale, int extra, int64_t *ids, float *wts, ciuic_stream_t stream);
 /* CDEF END */
 
 #ifdef __cplusplus

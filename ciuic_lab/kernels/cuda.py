@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - exercised by a test that hides cffi
     cffi = None
 
 HEADER = "ciuic_kernels.h"
-SOURCES = ("api.cu", "repack.cu", "wgemm_int4.cu", "wgemm_int8.cu", "wgemm_fp8.cu", "gemv_int4.cu")
+SOURCES = ("api.cu", "repack.cu", "wgemm_int4.cu", "wgemm_int8.cu", "wgemm_fp8.cu", "gemv_int4.cu", "route.cu")
 INCLUDES = (HEADER, "wgemm.cuh", "gemv.cuh")
 # machine code for these (plus PTX of the last); CIUIC_CUDA_ARCHS="90" builds for one GPU only, faster
 ARCHS = tuple(os.environ.get("CIUIC_CUDA_ARCHS", "80 90").split()) or ("80", "90")
@@ -572,6 +572,32 @@ class CudaBackend:
             rc = down(*self._choice(("moe_down",) + shape, down, x.device))
             self._check(lib, rc, f"ciuic_moe_down ({d0.label()}, {tokens} tokens x {top_k})")
         return y if orig in DT else y.to(orig)
+
+    def route(self, logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, norm: bool, scale: float,
+              extra: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V3's one-group MoE router after its product, in one launch: ``(ids int64, weights
+        fp32)`` of each token's ``top_k`` experts (sigmoid of the fp32 ``logits [T, E]``, chosen on score +
+        ``bias``, normalized when ``norm``, times ``scale``), plus expert ``extra`` with weight 1 as a last
+        column when ``extra >= 0``."""
+        if logits.dim() != 2 or logits.dtype != torch.float32 or not logits.is_cuda:
+            raise KernelError(f"route takes fp32 logits [T, E] on a GPU, got {logits.dtype} {list(logits.shape)} "
+                              f"on {logits.device}")
+        t, e = logits.shape
+        if bias is not None and (bias.dtype != torch.float32 or bias.shape != (e,) or bias.device != logits.device):
+            raise KernelError(f"route bias must be fp32 [{e}] on {logits.device}, got {bias.dtype} {list(bias.shape)}")
+        logits = logits.contiguous()
+        width = top_k + (1 if extra >= 0 else 0)
+        ids = torch.empty((t, width), dtype=torch.int64, device=logits.device)
+        wts = torch.empty((t, width), dtype=torch.float32, device=logits.device)
+        ffi, lib = LIBRARY.get()
+        with _on(logits.device):
+            st = ffi.cast("ciuic_stream_t", torch.cuda.current_stream(logits.device).cuda_stream)
+            rc = lib.ciuic_moe_route(_ptr(ffi, logits, "float *"), t, e,
+                                     _ptr(ffi, None if bias is None else bias.contiguous(), "float *"), top_k,
+                                     int(norm), float(scale), int(extra), _ptr(ffi, ids, "int64_t *"),
+                                     _ptr(ffi, wts, "float *"), st)
+        self._check(lib, rc, f"ciuic_moe_route ({t} tokens, {e} experts, top {top_k})")
+        return ids, wts
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

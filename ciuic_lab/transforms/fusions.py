@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import QTensor, concat_rows, dequantize
+from ..kernels import REGISTRY
 from .modules import QuantExperts, QuantLinear, is_silu
 
 FUSABLE_ATTENTION = ("DeepseekV3Attention",)
@@ -153,15 +154,15 @@ class FusedMoE(nn.Module):
         # (stage 2 is rebuilt on every apply, so this copy follows any change to the router)
         w = g.weight.detach()
         self.register_buffer("_router_w", w if w.dtype == torch.float32 else w.float(), persistent=False)
+        b = getattr(g, "e_score_correction_bias", None)
+        self.register_buffer("_router_b", None if b is None else b.detach().float(), persistent=False)
 
     def _route(self, h: torch.Tensor):
         g = self.gate
         if not self.simple_router:
             _, w, idx = g(h)
             return w, idx
-        wr = self._router_w
-        scores = F.linear(h if h.dtype == torch.float32 else h.float(),
-                          wr if wr.dtype == torch.float32 else wr.float()).sigmoid()
+        scores = self._logits(h).sigmoid()
         idx = torch.topk(scores + g.e_score_correction_bias, k=self.top_k, dim=-1, sorted=False).indices
         w = scores.gather(1, idx)
         if self.norm_topk_prob:
@@ -171,15 +172,36 @@ class FusedMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         h = hidden_states.reshape(-1, shape[-1])
-        w, idx = self._route(h)
         pair = self._shared_pair()
+        route = self._route_kernel(h)
         if pair is not None:
             # the shared expert as one more selected expert of weight 1, in the same grouped launch
-            col_i, col_w = self._shared_columns(h.shape[0], idx.device)
-            out = self.experts._grouped(h, torch.cat([idx, col_i], 1), torch.cat([w, col_w], 1), extra=pair)
+            if route is not None:
+                idx1, w1 = route(self._logits(h), self._router_b, self.top_k, self.norm_topk_prob, self.scale,
+                                 extra=self.experts.num_experts)
+            else:
+                w, idx = self._route(h)
+                col_i, col_w = self._shared_columns(h.shape[0], idx.device)
+                idx1, w1 = torch.cat([idx, col_i], 1), torch.cat([w, col_w], 1)
+            out = self.experts._grouped(h, idx1, w1, extra=pair)
             if out is not NotImplemented:
                 return out.view(shape)
+        if route is not None:
+            idx, w = route(self._logits(h), self._router_b, self.top_k, self.norm_topk_prob, self.scale)
+        else:
+            w, idx = self._route(h)
         return self.experts(h, idx, w).view(shape) + self.shared_experts(hidden_states)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h if h.dtype == torch.float32 else h.float(), self._router_w)
+
+    def _route_kernel(self, h: torch.Tensor):
+        """The backend's one-launch router (the CUDA one) for quantized experts on a GPU, or None."""
+        ex = self.experts
+        if not (self.simple_router and h.is_cuda and isinstance(ex, QuantExperts) and not ex._any_dense):
+            return None
+        backend = REGISTRY.pick(h.device.type, ex.gate_up_q[0].spec, ex.layout, h.shape[0], ex.kernel)
+        return getattr(backend, "route", None)
 
     _shared: tuple | None = None    # (shared_experts module seen, its (gate_up, down) QTensors or None)
     _columns: tuple | None = None   # (tokens, device, expert-index column, weight column)

@@ -424,3 +424,54 @@ def test_first_use_measures_a_plan_and_keeps_it():
     check(y, reference(x, qt), torch.bfloat16, "after tuning")
     run_linear(x, p)
     assert set(CUDA.tuned) == before | set(new)
+
+
+def _route_reference(logits, bias, top_k, norm, scale):
+    """transformers' DeepseekV3 router with one group, after its product (fp64)."""
+    scores = torch.sigmoid(logits.double())
+    choice = scores + (0 if bias is None else bias.double())
+    idx = torch.topk(choice, top_k, dim=-1).indices
+    wts = scores.gather(1, idx)
+    if norm:
+        wts = wts / (wts.sum(-1, keepdim=True) + 1e-20)
+    return idx, wts * scale, choice
+
+
+def test_moe_route_matches_the_torch_router():
+    r = rng_for("route")
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(r.randrange(1 << 30))
+    for case in range(16):
+        n_exp = r.choice([2, 8, 16, 33, 64, 256])
+        top_k = r.randrange(1, min(8, n_exp) + 1)
+        tokens = r.choice([1, 2, 5, 17, 300])
+        norm, scale = r.random() < 0.7, r.choice([1.0, 2.5])
+        extra = r.choice([-1, n_exp])
+        logits = 2 * torch.randn(tokens, n_exp, device=DEV, generator=gen)
+        bias = None if r.random() < 0.3 else 0.1 * torch.randn(n_exp, device=DEV, generator=gen)
+        ids, wts = CUDA.route(logits, bias, top_k, norm, scale, extra=extra)
+        ref_i, ref_w, choice = _route_reference(logits, bias, top_k, norm, scale)
+        what = f"route E={n_exp} top_k={top_k} T={tokens} norm={norm} scale={scale} extra={extra}"
+        assert ids.shape == (tokens, top_k + (extra >= 0)), what
+        if extra >= 0:
+            assert (ids[:, -1] == extra).all() and (wts[:, -1] == 1).all(), what
+            ids, wts = ids[:, :top_k], wts[:, :top_k]
+        for t in range(tokens):
+            got, want = set(ids[t].tolist()), set(ref_i[t].tolist())
+            if got != want:  # only a near-tie at the k-th place may differ (fp32 sigmoid against fp64)
+                kth = choice[t].sort(descending=True).values[top_k - 1]
+                for e in got ^ want:
+                    assert abs(float(choice[t, e] - kth)) < 1e-6, (what, t, got, want)
+                continue
+            order_g, order_w = ids[t].argsort(), ref_i[t].argsort()
+            torch.testing.assert_close(wts[t][order_g].double(), ref_w[t][order_w], rtol=1e-5, atol=1e-7, msg=what)
+
+
+def test_moe_route_refuses_bad_input():
+    logits = torch.randn(2, 8, device=DEV)
+    with pytest.raises(KernelError, match="fp32 logits"):
+        CUDA.route(logits.half(), None, 2, True, 1.0)
+    with pytest.raises(KernelError, match="bias must be fp32"):
+        CUDA.route(logits, torch.zeros(7, device=DEV), 2, True, 1.0)
+    with pytest.raises(KernelError, match="top 9"):
+        CUDA.route(logits, None, 9, True, 1.0)
