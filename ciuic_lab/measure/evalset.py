@@ -25,6 +25,8 @@ SIZES = {
     "tiny": dict(n_prompts=1, max_new_tokens=6, heldout_tokens=64, window=32),
     "search": dict(n_prompts=2, max_new_tokens=16, heldout_tokens=2048, window=256, heldout_offset=2048),
 }
+#: Held-out tokens some evaluation set scores; those after them are the calibration text's first part.
+SCORED_HELDOUT_TOKENS = max(s.get("heldout_offset", 0) + s["heldout_tokens"] for s in SIZES.values())
 
 
 @lru_cache(maxsize=1)
@@ -70,3 +72,9 @@ def evalset(size: str | EvalSet | None = "standard") -> EvalSet:
     prompts = _prompts()[: s["n_prompts"]]
     return EvalSet(prompts, _heldout(), s["max_new_tokens"], s["heldout_tokens"], s["window"], size,
                    s.get("heldout_offset", 0))
+
+
+def unscored_heldout_ids(tokenizer) -> "torch.Tensor":
+    """The held-out tokens after :data:`SCORED_HELDOUT_TOKENS`: unseen in training, scored by no evaluation set."""
+    ids = tokenizer(_heldout(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids[SCORED_HELDOUT_TOKENS:]

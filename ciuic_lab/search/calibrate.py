@@ -1,9 +1,13 @@
 """Calibration for the quantizers that read input statistics (GPTQ, output-aware clipping): the
 input Hessian ``H = sum x x^T`` of each site.
 
-Inputs are the loaded model's (the sites' inputs with nothing quantized), on a small calibration text
-from the training corpus shipped with the package. For an expert, only the tokens routed to it count;
-for its down projection, the hidden activations are computed with the loaded weights.
+Inputs are the loaded model's (the sites' inputs with nothing quantized), on a calibration text: the
+held-out modules' tokens that no evaluation set scores, then a sample of the training corpus shipped with
+the package. Text the model never trained on comes first because it is what the model will be run on:
+Hessians from text an embedded model has memorized alone fit GPTQ less well (int3 g128 KL 0.072 on
+tiny-deepseek against 0.062 with both; docs/benchmarks.md, Search). For an expert, only the tokens
+routed to it count; for its down projection, the hidden activations are computed with the loaded
+weights.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..measure.evalset import unscored_heldout_ids
 from ..plan import Plan
 from ..quant.gptq import calibrated_quantize
 from ..sites import Site
@@ -23,16 +28,21 @@ from ..transforms.apply import site_weight, fold_sources, loaded_module
 
 CALIBRATION = Path(__file__).resolve().parents[1] / "measure" / "evalset" / "calibration.txt"
 # GPTQ fits each site to its Hessian; with 1,024 tokens (about 250 per routed expert) it overfits and
-# lands behind round-to-nearest on held-out text. 8,192 tokens (the whole calibration file is ~10k)
-# put it ahead: int4 g128 KL 0.73x RTN, int3 0.75x on tiny-deepseek.
-CALIBRATION_TOKENS = 8192
+# lands behind round-to-nearest on held-out text. ~6k unscored held-out tokens plus 8,192 from the
+# training sample (the whole calibration file is ~11k) put it well ahead.
+CALIBRATION_TOKENS = 8192 + 6144
 _MISSING = object()
 
 
 def calibration_ids(tokenizer, tokens: int = CALIBRATION_TOKENS, window: int = 128) -> torch.Tensor:
-    ids = tokenizer(CALIBRATION.read_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n = min(tokens, ids.numel()) // window * window
-    return ids[:n].view(-1, window)
+    """``[rows, window]`` token ids: the unscored held-out tail, then the training sample, ``tokens`` in all."""
+    def whole_windows(ids: torch.Tensor, n: int) -> torch.Tensor:
+        n = min(n, ids.numel()) // window * window
+        return ids[:n].view(-1, window)
+
+    tail = whole_windows(unscored_heldout_ids(tokenizer), tokens)
+    train = tokenizer(CALIBRATION.read_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return torch.cat([tail, whole_windows(train, tokens - tail.numel())])
 
 
 @torch.no_grad()

@@ -14,13 +14,16 @@ from ..sites import sites as list_sites
 from .allocate import allocate, kernel_latency, refine, uniform, verify
 from .sensitivity import label, parse_formats, sensitivity
 
-# GPTQ on output-clipped group grids beats round-to-nearest at every width on held-out text, and two
-# group sizes give the allocator finer steps (docs/benchmarks.md, Search). int2 is offered only when
-# the budget needs it (below 3.5 bits per weight, or a latency budget): its errors compound far beyond
-# the sum of the single-site KLs the allocator predicts from, so at 4 bpw it makes plans worse.
-DEFAULT_FORMATS = "int3-g128-output-gptq,int3-g64-output-gptq,int4-g128-output-gptq,int4-g64-output-gptq,int8-channel-sym"
-LOW_BIT_FORMAT = "int2-g64-output-gptq"
-LOW_BIT_BELOW_BPW = 3.5
+# GPTQ on output-clipped group grids beats round-to-nearest at every width on held-out text; several
+# widths and group sizes give the allocator fine steps, int5 / int6 a place for the few sites that
+# carry most of the error (docs/benchmarks.md, Search). Below 3.5 bits per weight, int2 joins and so
+# does int3 with groups of 256 (3.09 bpw: the budget then pushes fewer sites down to int2, whose errors
+# compound beyond the sum of single-site KLs the allocator predicts from); at 4 bpw int2 makes plans worse.
+DEFAULT_FORMATS = ("int3-g128-output-gptq,int3-g64-output-gptq,int4-g128-output-gptq,int4-g64-output-gptq,"
+                   "int5-g128-output-gptq,int6-g128-output-gptq,int8-channel-sym")
+LOW_BPW_FORMATS = ("int2-g64-output-gptq,int3-g256-output-gptq,int3-g128-output-gptq,int3-g64-output-gptq,"
+                   "int4-g128-output-gptq,int4-g64-output-gptq,int5-g128-output-gptq")
+LOW_BPW_BELOW = 3.5
 
 
 def add_parsers(sub, common) -> None:
@@ -40,8 +43,8 @@ def add_parsers(sub, common) -> None:
     b.add_argument("--max-bytes", type=int, help="bytes of the quantizable sites")
     b.add_argument("--max-latency-ms", type=float, help="decode ms per token on this machine's kernels")
     p.add_argument("--formats", default=None,
-                   help=f"candidate formats (default: {DEFAULT_FORMATS}, plus {LOW_BIT_FORMAT} below "
-                        f"{LOW_BIT_BELOW_BPW} bpw)")
+                   help=f"candidate formats (default: {DEFAULT_FORMATS}; below {LOW_BPW_BELOW} bpw: "
+                        f"{LOW_BPW_FORMATS})")
     p.add_argument("--unit", default="site", choices=["site", "block", "kind", "expert"])
     p.add_argument("--evalset", default="search",
                    help="evaluation set for the scan and the refinement (search: held-out tokens the verification does not score)")
@@ -89,13 +92,14 @@ def run_sensitivity(args) -> dict[str, Any]:
 
 
 def default_formats(site_list, target_bpw: float | None, max_bytes: int | None) -> str:
-    """The default candidates for a budget: int2 joins only when the budget is tight enough to need it."""
+    """The default candidates for a budget: int2 (and int3 g256) only when the budget is tight enough."""
     bpw = target_bpw
     if max_bytes is not None:
         params = sum(s.params for s in site_list if not s.keep_default) or 1
         bpw = 8.0 * max_bytes / params
-    low = bpw is None or bpw < LOW_BIT_BELOW_BPW
-    return f"{LOW_BIT_FORMAT},{DEFAULT_FORMATS}" if low else DEFAULT_FORMATS
+    if bpw is None:  # a latency budget: the whole range, from int2 to int8
+        return LOW_BPW_FORMATS + ",int6-g128-output-gptq,int8-channel-sym"
+    return LOW_BPW_FORMATS if bpw < LOW_BPW_BELOW else DEFAULT_FORMATS
 
 
 def run_autoplan(args) -> dict[str, Any]:

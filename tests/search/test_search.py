@@ -208,3 +208,26 @@ def test_gptq_formats_are_calibrated_for_the_scan_and_the_verification(tiny, tin
     out = verify(m, tok, {"gptq": plan}, es="tiny")
     assert out["gptq"]["kl"] >= 0 and out["gptq"]["bits_per_weight"] > 4
     assert fingerprint(m) == fp  # both leave the model as loaded
+
+
+def test_calibration_text_never_overlaps_what_an_evaluation_set_scores(tiny):
+    """Unscored held-out tokens first (text the model never trained on), then the training sample."""
+    from ciuic_lab.measure.evalset import SCORED_HELDOUT_TOKENS, SIZES, evalset
+    from ciuic_lab.measure.snapshot import heldout_ids
+    from ciuic_lab.search.calibrate import calibration_ids, unscored_heldout_ids
+
+    tok = tiny.tokenizer
+    for name in SIZES:
+        es = evalset(name)
+        assert es.heldout_offset + es.heldout_tokens <= SCORED_HELDOUT_TOKENS
+    tail = unscored_heldout_ids(tok)
+    whole = tok(evalset("standard").heldout, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    assert torch.equal(tail, whole[SCORED_HELDOUT_TOKENS:]) and tail.numel() > 0
+    scored = torch.cat([heldout_ids(tok, evalset(n)) for n in ("standard", "search")])
+    assert torch.equal(scored, whole[:SCORED_HELDOUT_TOKENS])
+    ids = calibration_ids(tok, tokens=tail.numel() // 128 * 128 + 256)
+    n_tail = tail.numel() // 128 * 128
+    assert ids.shape == (n_tail // 128 + 2, 128)
+    assert torch.equal(ids.reshape(-1)[:n_tail], tail[:n_tail])
+    small = calibration_ids(tok, tokens=256)  # fewer tokens than the tail: the tail's start only
+    assert torch.equal(small.reshape(-1), tail[:256])
