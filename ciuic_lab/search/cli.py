@@ -16,13 +16,15 @@ from .sensitivity import label, parse_formats, sensitivity
 
 # GPTQ on output-clipped group grids beats round-to-nearest at every width on held-out text; several
 # widths and group sizes give the allocator fine steps, int5 / int6 a place for the few sites that
-# carry most of the error (docs/benchmarks.md, Search). Below 3.5 bits per weight, int2 joins and so
-# does int3 with groups of 256 (3.09 bpw: the budget then pushes fewer sites down to int2, whose errors
-# compound beyond the sum of single-site KLs the allocator predicts from); at 4 bpw int2 makes plans worse.
+# carry most of the error (docs/benchmarks.md, Search). Below 3.5 bits per weight, int2 joins and
+# groups of 256 with it (int3 g256 is 3.09 bpw: the budget then pushes fewer sites down to int2, whose
+# errors compound beyond the sum of single-site KLs the allocator predicts from); at 4 bpw int2 makes
+# plans worse.
 DEFAULT_FORMATS = ("int3-g128-output-gptq,int3-g64-output-gptq,int4-g128-output-gptq,int4-g64-output-gptq,"
                    "int5-g128-output-gptq,int6-g128-output-gptq,int8-channel-sym")
-LOW_BPW_FORMATS = ("int2-g64-output-gptq,int3-g256-output-gptq,int3-g128-output-gptq,int3-g64-output-gptq,"
-                   "int4-g128-output-gptq,int4-g64-output-gptq,int5-g128-output-gptq")
+LOW_BPW_FORMATS = ("int2-g256-output-gptq,int2-g128-output-gptq,int2-g64-output-gptq,int3-g256-output-gptq,"
+                   "int3-g128-output-gptq,int3-g64-output-gptq,int4-g256-output-gptq,int4-g128-output-gptq,"
+                   "int5-g128-output-gptq")
 LOW_BPW_BELOW = 3.5
 
 
