@@ -115,6 +115,7 @@ def test_autoplan_meets_its_budget_and_is_verified(capsys):
     from ciuic_lab.cli import main
 
     assert main(["autoplan", "--model", "tiny-deepseek-random", "--target-bpw", "3.0", "--unit", "block",
+                 "--formats", "int2-g64-output-gptq,int3-g256-output-gptq,int3-g128-output-gptq,int4-g128",
                  "--evalset", "tiny", "--verify-evalset", "tiny", "--compare", "int3-g128", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     auto = out["measured"]["auto"]
@@ -231,3 +232,16 @@ def test_calibration_text_never_overlaps_what_an_evaluation_set_scores(tiny):
     assert torch.equal(ids.reshape(-1)[:n_tail], tail[:n_tail])
     small = calibration_ids(tok, tokens=256)  # fewer tokens than the tail: the tail's start only
     assert torch.equal(small.reshape(-1), tail[:256])
+
+
+def test_default_candidates_follow_the_budget(tiny_sites):
+    from ciuic_lab.search.cli import DEFAULT_FORMATS, LOW_BPW_FORMATS, default_formats
+
+    assert default_formats(tiny_sites, 3.0, None) == LOW_BPW_FORMATS
+    assert default_formats(tiny_sites, 4.0, None) == DEFAULT_FORMATS
+    params = sum(s.params for s in tiny_sites if not s.keep_default)
+    assert default_formats(tiny_sites, None, params * 3 // 8) == LOW_BPW_FORMATS  # bytes for 3 bpw
+    wide = default_formats(tiny_sites, None, None)  # a latency budget: int2 to int8
+    assert "int2-g64-output-gptq" in wide and "int8-channel-sym" in wide
+    for fs in (DEFAULT_FORMATS, LOW_BPW_FORMATS, wide):
+        assert all(not f.keep for f in parse_formats(fs))
