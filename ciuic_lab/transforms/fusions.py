@@ -154,8 +154,7 @@ class FusedMoE(nn.Module):
         # (stage 2 is rebuilt on every apply, so this copy follows any change to the router)
         w = g.weight.detach()
         self.register_buffer("_router_w", w if w.dtype == torch.float32 else w.float(), persistent=False)
-        b = getattr(g, "e_score_correction_bias", None)
-        self.register_buffer("_router_b", None if b is None else b.detach().float(), persistent=False)
+        self.register_buffer("_router_b", g.e_score_correction_bias.detach().float(), persistent=False)
 
     def _route(self, h: torch.Tensor):
         g = self.gate
@@ -163,7 +162,7 @@ class FusedMoE(nn.Module):
             _, w, idx = g(h)
             return w, idx
         scores = self._logits(h).sigmoid()
-        idx = torch.topk(scores + g.e_score_correction_bias, k=self.top_k, dim=-1, sorted=False).indices
+        idx = torch.topk(scores + self._router_b, k=self.top_k, dim=-1, sorted=False).indices
         w = scores.gather(1, idx)
         if self.norm_topk_prob:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
@@ -173,24 +172,27 @@ class FusedMoE(nn.Module):
         shape = hidden_states.shape
         h = hidden_states.reshape(-1, shape[-1])
         pair = self._shared_pair()
-        route = self._route_kernel(h)
+        idx, w = self._select(h, shared=pair is not None)
         if pair is not None:
             # the shared expert as one more selected expert of weight 1, in the same grouped launch
-            if route is not None:
-                idx1, w1 = route(self._logits(h), self._router_b, self.top_k, self.norm_topk_prob, self.scale,
-                                 extra=self.experts.num_experts)
-            else:
-                w, idx = self._route(h)
-                col_i, col_w = self._shared_columns(h.shape[0], idx.device)
-                idx1, w1 = torch.cat([idx, col_i], 1), torch.cat([w, col_w], 1)
-            out = self.experts._grouped(h, idx1, w1, extra=pair)
+            out = self.experts._grouped(h, idx, w, extra=pair)
             if out is not NotImplemented:
                 return out.view(shape)
-        if route is not None:
-            idx, w = route(self._logits(h), self._router_b, self.top_k, self.norm_topk_prob, self.scale)
-        else:
-            w, idx = self._route(h)
+            idx, w = idx[:, :-1], w[:, :-1]  # the backend declined: the routed experts, then the shared one
         return self.experts(h, idx, w).view(shape) + self.shared_experts(hidden_states)
+
+    def _select(self, h: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's experts and weights ``[T, top_k]``; with ``shared``, the shared expert's column
+        (index ``num_experts``, weight 1) appended. One launch on the backend's router where it has one."""
+        route = self._route_kernel(h)
+        if route is not None:
+            return route(self._logits(h), self._router_b, self.top_k, self.norm_topk_prob, self.scale,
+                         extra=self.experts.num_experts if shared else -1)
+        w, idx = self._route(h)
+        if not shared:
+            return idx, w
+        col_i, col_w = self._shared_columns(h.shape[0], idx.device)
+        return torch.cat([idx, col_i], 1), torch.cat([w, col_w], 1)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h if h.dtype == torch.float32 else h.float(), self._router_w)

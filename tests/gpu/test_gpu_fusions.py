@@ -43,18 +43,28 @@ def test_every_fusion_on_the_gpu_gives_the_same_tokens(loaded):
     assert torch.equal(plain, fused)
 
 
-def test_fusions_with_int4_on_the_cuda_kernels_agree_to_bf16_precision(loaded):
-    m, tok = loaded.model, loaded.tokenizer
-    ids = _ids(tok)
+def _int4_unfused_and_fused(m, logits_of, on_fused=None):
+    """``logits_of(m)`` with int4 g128 on the CUDA kernels, without fusions and with every one but
+    norm_fold (``on_fused(m)`` runs while those are applied); the model is reverted afterwards."""
     sites = cl.sites(m)
     rules = [{"match": "*", "bits": 4, "group": 128}]
     fus = {k: v for k, v in ALL.items() if k != "norm_fold"}
     with torch.no_grad():
-        cl.apply(m, cl.resolve({"rules": rules}, sites))
-        a = m(ids).logits[0, -1].double()
-        cl.apply(m, cl.resolve({"rules": rules, "fusions": fus}, sites))
-        b = m(ids).logits[0, -1].double()
-        cl.revert(m)
+        try:
+            cl.apply(m, cl.resolve({"rules": rules}, sites))
+            a = logits_of(m)
+            cl.apply(m, cl.resolve({"rules": rules, "fusions": fus}, sites))
+            b = logits_of(m)
+            if on_fused is not None:
+                on_fused(m)
+        finally:
+            cl.revert(m)
+    return a, b
+
+
+def test_fusions_with_int4_on_the_cuda_kernels_agree_to_bf16_precision(loaded):
+    ids = _ids(loaded.tokenizer)
+    a, b = _int4_unfused_and_fused(loaded.model, lambda m: m(ids).logits[0, -1].double())
     assert float((a - b).norm() / a.norm()) < 2e-2
     assert int(a.argmax()) == int(b.argmax())
 
@@ -76,21 +86,18 @@ def test_bf16_decode_with_every_fusion_and_int4_agrees_with_unfused():
     from ciuic_lab.transforms.fusions import FusedMoE
 
     lo = cl.load("tiny-deepseek", dtype="bf16", device="cuda")
-    m, tok = lo.model, lo.tokenizer
-    ids = _ids(tok)
-    sites = cl.sites(m)
-    rules = [{"match": "*", "bits": 4, "group": 128}]
-    fus = {k: v for k, v in ALL.items() if k != "norm_fold"}
-    with torch.no_grad():
-        cl.apply(m, cl.resolve({"rules": rules}, sites))
+    ids = _ids(lo.tokenizer)
+    nxt = []  # the unfused model's next token, fed to both decode steps
+
+    def step_logits(m):
         out = m(ids, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        a = m(nxt, past_key_values=out.past_key_values, use_cache=True).logits[0, -1].double()
-        cl.apply(m, cl.resolve({"rules": rules, "fusions": fus}, sites))
-        out = m(ids, use_cache=True)
-        b = m(nxt, past_key_values=out.past_key_values, use_cache=True).logits[0, -1].double()
+        nxt.append(nxt[0] if nxt else out.logits[:, -1:].argmax(-1))
+        return m(nxt[0], past_key_values=out.past_key_values, use_cache=True).logits[0, -1].double()
+
+    def shared_expert_in_the_grouped_launch(m):
         moes = [mod for mod in m.modules() if isinstance(mod, FusedMoE)]
-        assert moes and all(mod._shared[1] is not None for mod in moes)  # shared expert in the grouped launch
-        cl.revert(m)
+        assert moes and all(mod._shared[1] is not None for mod in moes)
+
+    a, b = _int4_unfused_and_fused(lo.model, step_logits, shared_expert_in_the_grouped_launch)
     assert float((a - b).norm() / a.norm()) < 3e-2
     assert int(a.argmax()) == int(b.argmax())
