@@ -9,13 +9,26 @@
 
 namespace ciuic {
 
-static int sm_count() {
+int sm_count() {
   static int cache[64] = {0};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
   if (cache[dev] == 0) {
     int v = 0;
     if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0) v = 132;
+    cache[dev] = v;
+  }
+  return cache[dev];
+}
+
+int sm_shared_bytes() {
+  static int cache[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 100 * 1024;
+  if (cache[dev] == 0) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess || v <= 0)
+      v = 100 * 1024;
     cache[dev] = v;
   }
   return cache[dev];
@@ -216,12 +229,13 @@ extern "C" int ciuic_wgemm(int fmt, int dtype, const void *x, int m, int n, int 
     bool done = false;
     // the GEMV when asked for (m <= 8), and by default for m <= 4: faster than wgemm there on an H100
     // (native/README.md); at 5..8 rows the backend's tuner measures both
-    if (fmt == CIUIC_FMT_INT4 && ((staging == CIUIC_STAGE_GEMV && mc <= CIUIC_GEMV_MAX_M) ||
+    const bool gemv_asked = staging >= CIUIC_STAGE_GEMV && staging <= CIUIC_STAGE_GEMV_2X7;
+    if (fmt == CIUIC_FMT_INT4 && ((gemv_asked && mc <= CIUIC_GEMV_MAX_M) ||
                                   (staging == CIUIC_STAGE_AUTO && mc <= kGemvAutoM)))
       e = launch_gemv_int4(bf16, p, rq, st, &done);
     if (!done) {
       SplitRequest r2 = rq;
-      if (r2.staging == CIUIC_STAGE_GEMV) r2.staging = CIUIC_STAGE_AUTO;
+      if (gemv_asked) r2.staging = CIUIC_STAGE_AUTO;
       e = dispatch_plain(fmt, bf16, mt, p, dim3(gx, 1, 1), r2, st);
     }
     if (e != cudaSuccess) return static_cast<int>(e);

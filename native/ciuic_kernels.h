@@ -25,7 +25,7 @@ extern "C" {
 /* CDEF BEGIN */
 typedef struct CUstream_st *ciuic_stream_t;
 
-#define CIUIC_ABI_VERSION 3
+#define CIUIC_ABI_VERSION 4
 
 /* weight formats */
 #define CIUIC_FMT_INT4 0
@@ -49,12 +49,18 @@ typedef struct CUstream_st *ciuic_stream_t;
 #define CIUIC_TILE_K 64
 /* which kernel and how x reaches the tensor cores: chosen by the launcher (auto), staged once for
    the block's whole K range (whole, when it fits 64 KB of shared memory; more splits are taken to
-   make it fit), chunk by chunk (chunk), or the int4 GEMV for batches of 1 to 8 rows (gemv: x staged
-   once per block, 28 warps per multiprocessor; other formats and batches take auto's choice) */
+   make it fit), chunk by chunk (chunk), or the int4 GEMV for batches of 1 to 8 rows (x staged once
+   per block, 27-28 warps per multiprocessor; other formats and batches take auto's choice): gemv,
+   blocks of 4 row tiles over one K range; gemv_<R>x<S>, blocks of R row tiles whose K range S warps
+   share (their sums meet in shared memory; `splits` then splits K across blocks on top) */
 #define CIUIC_STAGE_AUTO 0
 #define CIUIC_STAGE_WHOLE 1
 #define CIUIC_STAGE_CHUNK 2
 #define CIUIC_STAGE_GEMV 3
+#define CIUIC_STAGE_GEMV_1X3 4
+#define CIUIC_STAGE_GEMV_1X7 5
+#define CIUIC_STAGE_GEMV_3X3 6
+#define CIUIC_STAGE_GEMV_2X7 7
 /* batch rows the GEMV takes (larger launches run the general kernel) */
 #define CIUIC_GEMV_MAX_M 8
 /* rows of x one launch takes; larger batches are cut into launches of this many rows */

@@ -4,15 +4,18 @@
 // row tile and group; mma.m16n8k16 with the weights as the A operand, codes made exact integers
 // q - z with lop3 onto a magic number, each group's fp32 sum scaled once), in a leaner shape:
 //
-//   - one row tile per warp, one batch tile (m <= 8), small blocks (4 warps) and a register budget
-//     of 72 per thread, so that 7 blocks (28 warps) are resident per multiprocessor where wgemm
-//     holds 12: latency is hidden by warps more than by unrolled code;
+//   - one row tile and one K range per warp, one batch tile (m <= 8), a register budget of 72 per
+//     thread so that 27-28 warps are resident per multiprocessor where wgemm holds 12: latency is
+//     hidden by warps more than by unrolled code. Blocks of R x S warps: R row tiles, each read by
+//     S warps over consecutive K slices whose sums meet in shared memory at the end (R = 4, S = 1:
+//     K split across blocks only; S > 1 needs no workspace, no second pass and no counter, and
+//     R > 1 stages x once for R row tiles);
 //   - groups of 128 or 256 inputs: the main loop runs bodies of DEPTH tiles whose group boundaries
 //     are compile-time constants (no per-tile group test, scale and zero pairs loaded one body
 //     ahead); other groups go tile by tile;
-//   - the block's rows of x for its whole K range are staged once, row-major, with cp.async (one
-//     barrier, before the main loop); the B fragments come from shared memory with ldmatrix, the
-//     rows past m pointing at row m - 1 (their output columns are never stored);
+//   - the block's rows of x for its whole K range (all S slices) are staged once, row-major, with
+//     cp.async (one barrier, before the main loop); the B fragments come from shared memory with
+//     ldmatrix, the rows past m pointing at row m - 1 (their output columns are never stored);
 //   - codes stream with 16-byte loads DEPTH tiles ahead of use per lane; scale and zero pairs one
 //     group ahead; no barrier and no shared-memory traffic for codes;
 //   - split-K over blockIdx.y with the same workspace, counters and deterministic reduction as
@@ -23,7 +26,23 @@
 
 namespace ciuic {
 
-constexpr int kGemvWarps = 4;
+__device__ __forceinline__ int fresh_tid() {
+  int v;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(v));
+  return v;
+}
+__device__ __forceinline__ int fresh_ctaid_y() {
+  int v;
+  asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(v));
+  return v;
+}
+__device__ __forceinline__ int fresh_ctaid_x() {
+  int v;
+  asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(v));
+  return v;
+}
+
+constexpr int kGemvWarps = 4;  // warps of a block of the row-tile shape (R = 4, S = 1)
 constexpr int kGemvThreads = kGemvWarps * 32;
 // batch rows up to which CIUIC_STAGE_AUTO takes the GEMV
 constexpr int kGemvAutoM = 4;
@@ -31,8 +50,8 @@ constexpr int kGemvAutoM = 4;
 #ifndef CIUIC_GEMV_DEPTH
 #define CIUIC_GEMV_DEPTH 4  // tiles of codes in flight per lane (and tiles per unrolled body)
 #endif
-#ifndef CIUIC_GEMV_MINB
-#define CIUIC_GEMV_MINB 7  // resident blocks per multiprocessor the registers are cut for (72 each)
+#ifndef CIUIC_GEMV_SM_WARPS
+#define CIUIC_GEMV_SM_WARPS 28  // resident warps per multiprocessor the registers are cut for (72 each)
 #endif
 
 // Shared memory of a block (its staged x): kGemvBudget by default (the launcher adds splits to stay
@@ -43,8 +62,14 @@ constexpr int kGemvMaxBytes = 96 * 1024;
 // GT: tiles per scale group when the group is 2 or 4 tiles (the main loop then runs bodies of DEPTH
 // tiles whose group boundaries are known at compile time); 0: any group (64 inputs, 512 and more, one
 // per row), tile by tile with run-time group boundaries.
-template <bool BF16, int GT>
-__global__ void __launch_bounds__(kGemvThreads, CIUIC_GEMV_MINB) gemv_i4_kernel(const Params p) {
+// R x S warps per block: R row tiles, each read by S warps that share its K range (warp w takes row
+// tile R * blockIdx.x + w / S and the (w % S)-th of the block's S consecutive K slices of p.tps tiles);
+// the S partial sums of a row tile meet in shared memory, in slice order. blockIdx.y splits K across
+// blocks on top (workspace and counters).
+template <bool BF16, int GT, int R, int S>
+__global__ void __launch_bounds__(32 * R * S, CIUIC_GEMV_SM_WARPS / (R * S) > 0 ? CIUIC_GEMV_SM_WARPS / (R * S) : 1)
+    gemv_i4_kernel(const Params p) {
+  constexpr int kThr = 32 * R * S;
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
   constexpr int D = CIUIC_GEMV_DEPTH;
   static_assert(GT == 0 || D % (GT > 0 ? GT : 1) == 0, "a body holds whole groups");
@@ -55,12 +80,15 @@ __global__ void __launch_bounds__(kGemvThreads, CIUIC_GEMV_MINB) gemv_i4_kernel(
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
   const int split = blockIdx.y;
+  const int slice = S > 1 ? warp % S : 0;
   const int m_rows = p.m;
-  const int kt_begin = split * p.tps;  // a multiple of D (the launcher's plan)
+  // the block's K range (tiles) starts at split * S * p.tps; this warp's, a multiple of D (the
+  // launcher's plan), slice * p.tps further
+  const int kt_begin = (split * S + slice) * p.tps;
   const int kt_end = min(p.kt, kt_begin + p.tps);
-  const int nkt = kt_end - kt_begin;
-  const int ntile = blockIdx.x * kGemvWarps + warp;
-  const bool live = ntile < p.nt;
+  const int nkt = S > 1 ? max(0, kt_end - kt_begin) : kt_end - kt_begin;  // S > 1: a slice may be empty
+  const int ntile = blockIdx.x * R + warp / S;
+  const bool live = R == 1 || ntile < p.nt;  // R == 1: one block per row tile
   const int rs = p.wstride;  // bytes per staged x row (a multiple of 128, plus 16)
 
   // codes: the first D tiles in flight before x is staged
@@ -91,15 +119,16 @@ __global__ void __launch_bounds__(kGemvThreads, CIUIC_GEMV_MINB) gemv_i4_kernel(
     load_groups(D, sn, zn);
   }
 
-  // x rows [m][kt_begin * 64, kt_end * 64), row-major, zeros past k
+  // x rows [m][blk_begin * 64, blk_end * 64), row-major, zeros past k
   {
-    const int span = nkt * 64;
+    const int blk_begin = S > 1 ? fresh_ctaid_y() * S * p.tps : kt_begin;
+    const int span = S > 1 ? max(0, min(p.kt, blk_begin + S * p.tps) - blk_begin) * 64 : nkt * 64;
     if (p.xvec) {
       const int vpr = span >> 3;
       const char *xb = static_cast<const char *>(p.x);
-      for (int i = tid; i < m_rows * vpr; i += kGemvThreads) {
+      for (int i = tid; i < m_rows * vpr; i += kThr) {
         const int row = i / vpr, cv = i - row * vpr;
-        const int kk = kt_begin * 64 + cv * 8;
+        const int kk = blk_begin * 64 + cv * 8;
         const bool in = kk < p.k;
         const char *src = in ? xb + (static_cast<size_t>(row) * p.k + kk) * 2 : xb;
         cp_async16(smem_u32(dsm + row * rs + cv * 16), src, in ? 16 : 0);
@@ -108,9 +137,9 @@ __global__ void __launch_bounds__(kGemvThreads, CIUIC_GEMV_MINB) gemv_i4_kernel(
       cp_async_wait<0>();
     } else {
       const uint16_t *xh = static_cast<const uint16_t *>(p.x);
-      for (int i = tid; i < m_rows * span; i += kGemvThreads) {
+      for (int i = tid; i < m_rows * span; i += kThr) {
         const int row = i / span, kk = i - row * span;
-        const int kg = kt_begin * 64 + kk;
+        const int kg = blk_begin * 64 + kk;
         const uint16_t v = kg < p.k ? xh[static_cast<size_t>(row) * p.k + kg] : static_cast<uint16_t>(0);
         *reinterpret_cast<uint16_t *>(dsm + row * rs + kk * 2) = v;
       }
@@ -124,7 +153,7 @@ __global__ void __launch_bounds__(kGemvThreads, CIUIC_GEMV_MINB) gemv_i4_kernel(
 #endif
   // ldmatrix rows: matrix j of an x4 is inputs 8j..8j+7 of a 32-input run; row r is batch row
   // min(r, m - 1)
-  const uint32_t xaddr = smem_u32(dsm) + min(lane & 7, m_rows - 1) * rs + (lane >> 3) * 16;
+  const uint32_t xaddr = smem_u32(dsm) + min(lane & 7, m_rows - 1) * rs + (lane >> 3) * 16 + slice * p.tps * 128;
 
   // end of a group: its sums times its scale pair into the totals
   auto scale_into = [&](uint32_t s2) {
@@ -233,15 +262,40 @@ __global__ void __launch_bounds__(kGemvThreads, CIUIC_GEMV_MINB) gemv_i4_kernel(
 #if CIUIC_PROBE == 1
   if (sink == 0x9E3779B9u) tot[0] += 1.0f;
 #endif
+  // the thread's coordinates read afresh: nothing of them stays in a register through the main loop
+  const int e_tid = fresh_tid(), e_lane = e_tid & 31, e_warp = e_tid >> 5;
+  const int e_g = e_lane >> 2, e_t4 = e_lane & 3;
+  const int e_slice = S > 1 ? e_warp % S : 0;
+  const int e_tile = fresh_ctaid_x() * R + e_warp / S;
+  const bool e_live = e_tile < p.nt;
+  // the S slices of a row tile: their sums meet in shared memory (x is no longer read), added in
+  // slice order by the tile's first warp, which alone goes on
+  if constexpr (S > 1) {
+    float4 *red = reinterpret_cast<float4 *>(dsm);
+    __syncthreads();
+    red[e_warp * 32 + e_lane] = make_float4(tot[0], tot[1], tot[2], tot[3]);
+    __syncthreads();
+    if (e_slice == 0) {
+#pragma unroll
+      for (int j = 1; j < S; ++j) {
+        const float4 v = red[(e_warp + j) * 32 + e_lane];
+        tot[0] += v.x;
+        tot[1] += v.y;
+        tot[2] += v.z;
+        tot[3] += v.w;
+      }
+    }
+  }
+  const bool lead = e_slice == 0;
   // ---- epilogue: lane (g, t) holds rows g, g + 8 of its tile for batch rows 2t, 2t + 1
   T *yo = static_cast<T *>(p.y);
   const T *bias = static_cast<const T *>(p.bias);
   if (gridDim.y == 1) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int row = ntile * 16 + g + 8 * (e >> 1);
-      const int m = 2 * t4 + (e & 1);
-      if (live && row < p.n && m < m_rows) {
+      const int row = e_tile * 16 + e_g + 8 * (e >> 1);
+      const int m = 2 * e_t4 + (e & 1);
+      if (lead && e_live && row < p.n && m < m_rows) {
         float v = tot[e];
         if (bias) v += to_f<T>(bias[row]);
         yo[static_cast<size_t>(m) * p.n + row] = from_f<T>(v);
@@ -253,36 +307,39 @@ __global__ void __launch_bounds__(kGemvThreads, CIUIC_GEMV_MINB) gemv_i4_kernel(
   // split-K: this split's partial sums, then the last block of the row range adds them up
   const int npad = p.nt * 16;
   const size_t zstride = static_cast<size_t>(m_rows) * npad;
-  float *part = p.ws + static_cast<size_t>(split) * zstride;
+  float *part = p.ws + static_cast<size_t>(blockIdx.y) * zstride;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    const int row = ntile * 16 + g + 8 * (e >> 1);
-    const int m = 2 * t4 + (e & 1);
-    if (live && m < m_rows) part[static_cast<size_t>(m) * npad + row] = tot[e];
+    const int row = e_tile * 16 + e_g + 8 * (e >> 1);
+    const int m = 2 * e_t4 + (e & 1);
+    if (lead && e_live && m < m_rows) part[static_cast<size_t>(m) * npad + row] = tot[e];
   }
   __threadfence();
   __syncthreads();
   int *counter = p.counters + blockIdx.x;
-  if (tid == 0) s_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.y) - 1);
+  if (e_tid == 0) s_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.y) - 1);
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  constexpr int NR = kGemvWarps * 16;
+  constexpr int NR = R * 16;
   const int r0 = blockIdx.x * NR;
-  for (int i = tid; i < m_rows * NR; i += kGemvThreads) {
+  for (int i = e_tid; i < m_rows * NR; i += kThr) {
     const int m = i / NR, row = r0 + (i - m * NR);
     if (row >= p.n) continue;
     float v = sum_splits(p.ws + static_cast<size_t>(m) * npad + row, gridDim.y, zstride);
     if (bias) v += to_f<T>(bias[row]);
     yo[static_cast<size_t>(m) * p.n + row] = from_f<T>(v);
   }
-  if (tid == 0) *counter = 0;
+  if (e_tid == 0) *counter = 0;
 }
 
-// Launch the GEMV for one launch of m <= 8 rows (int4, plain linear). Splits: as requested (raised
-// until the staged x fits kGemvMaxBytes), else the most that fit one wave of resident blocks, raised
-// until x fits kGemvBudget. *launched is false (and nothing is launched) when x cannot fit because
-// there is no workspace to split K with; the caller then takes wgemm.
+// Launch the GEMV for one launch of m <= 8 rows (int4, plain linear), in the block shape rq.staging
+// names: CIUIC_STAGE_GEMV, 4 row tiles of one K range per block (splits: as requested, raised until
+// the staged x fits kGemvMaxBytes, else the most that fit one wave of resident blocks, raised until x
+// fits kGemvBudget); CIUIC_STAGE_GEMV_<R>X<S>, R row tiles per block, each read by S warps (splits
+// across blocks: as requested, else the most that keep every block in one wave, raised until x fits
+// kGemvMaxBytes). *launched is false (and nothing is launched) when x cannot fit because there is no
+// workspace to split K with; the caller then takes wgemm.
 cudaError_t launch_gemv_int4(bool bf16, Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched);
 
 }  // namespace ciuic

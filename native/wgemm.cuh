@@ -791,6 +791,10 @@ struct SplitRequest {
   int64_t ws_floats;         // room for partial sums
 };
 
+// Multiprocessors and shared memory per multiprocessor of the current device (api.cu, cached).
+int sm_count();
+int sm_shared_bytes();
+
 // Splits and tiles per split for a kernel of `ck` tiles per chunk of which `occ` blocks fit on a
 // multiprocessor (api.cu).
 int plan_splits(const SplitRequest &rq, int kt, int ck, int occ, int *tps);

@@ -64,8 +64,12 @@ GENERIC_LAYOUTS = ("rowmajor", "auto")
 
 FMT_INT4, FMT_INT8, FMT_FP8 = 0, 1, 2
 STAGE_AUTO, STAGE_WHOLE, STAGE_CHUNK, STAGE_GEMV = 0, 1, 2, 3
-STAGE_NAMES = ("auto", "whole", "chunk", "gemv")
+# the int4 GEMV in blocks of R row tiles whose K range S warps share (CIUIC_STAGE_GEMV_<R>X<S>)
+STAGE_GEMV_RS = {(1, 3): 4, (1, 7): 5, (3, 3): 6, (2, 7): 7}
+STAGE_NAMES = ("auto", "whole", "chunk", "gemv", "gemv-1x3", "gemv-1x7", "gemv-3x3", "gemv-2x7")
+GEMV_STAGINGS = (STAGE_GEMV, *STAGE_GEMV_RS.values())
 TUNE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)   # split-K counts tried per launch shape (with each staging)
+TUNE_BLOCK_SPLITS = (1, 2, 3, 4)          # splits across blocks tried for the gemv-<R>x<S> stagings
 GEMV_MAX_M = 8                      # batch rows the int4 GEMV takes (CIUIC_GEMV_MAX_M)
 DT = {torch.bfloat16: 0, torch.float16: 1}
 WORKSPACE_BYTES = 16 << 20          # split-K partial sums (per device and stream)
@@ -512,7 +516,7 @@ class CudaBackend:
 
             key = ("linear", x.device.index, w.fmt, DT[x.dtype], w.n, w.k, w.group, w.zeros is None, _m_bucket(m))
             gemv = w.fmt == FMT_INT4 and m <= GEMV_MAX_M
-            rc = launch(*self._choice(key, launch, x.device, (STAGE_CHUNK, STAGE_WHOLE, STAGE_GEMV) if gemv else None))
+            rc = launch(*self._choice(key, launch, x.device, (STAGE_CHUNK, STAGE_WHOLE, *GEMV_STAGINGS) if gemv else None))
         self._check(lib, rc, f"ciuic_wgemm ({w.label()}, x {list(x.shape)} {x.dtype})")
         return out if orig in DT else out.to(orig)
 
@@ -630,26 +634,27 @@ class CudaBackend:
         if not self.tune or torch.cuda.is_current_stream_capturing():
             return 0, STAGE_AUTO
         stagings = stagings or (STAGE_CHUNK, STAGE_WHOLE)
-        cands = [(0, STAGE_AUTO)] + [(0, st) for st in stagings if st == STAGE_GEMV] + \
-            [(s, st) for st in stagings for s in TUNE_SPLITS]
+        cands = [(0, STAGE_AUTO)] + [(0, st) for st in stagings if st in GEMV_STAGINGS] + \
+            [(s, st) for st in stagings for s in (TUNE_SPLITS if st <= STAGE_GEMV else TUNE_BLOCK_SPLITS)]
         ok = [c for c in cands if launch(*c) == 0]
         if not ok:
             return 0, STAGE_AUTO  # the caller's own launch reports the error
         flush = self._flush_buffer(device)
-        reps = 3
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in ok for _ in range(reps)]
-        i = 0
-        for c in ok:
-            for _ in range(reps):
+        reps = 5  # neighbouring plans differ by ~1 us on a 30 us launch: 3 runs let noise pick
+        ev = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+              for _ in ok]
+        # round-robin over the candidates (no drift favours one), each run after the L2 was filled
+        # with another buffer (written: reading it instead measured worse choices for small weights)
+        for r in range(reps):
+            for j, c in enumerate(ok):
                 flush.zero_()
-                ev[i][0].record()
+                ev[j][r][0].record()
                 launch(*c)
-                ev[i][1].record()
-                i += 1
+                ev[j][r][1].record()
         torch.cuda.synchronize(device)
         best, best_t = ok[0], float("inf")
         for j, c in enumerate(ok):
-            t = sorted(a.elapsed_time(b) for a, b in ev[j * reps:(j + 1) * reps])[reps // 2] * 1e3
+            t = sorted(a.elapsed_time(b) for a, b in ev[j])[reps // 2] * 1e3
             if t < best_t:
                 best, best_t = c, t
         self.tuned[key] = (best[0], best[1], best_t)

@@ -65,7 +65,8 @@ if not diagnostic:
 
 l2 = torch.cuda.get_device_properties(dev).L2_cache_size
 rows = []
-SPLITS = {2: (1, 2, 3, 4, 6, 8, 12), 3: (0, 1, 2, 3, 4, 6, 8, 9, 12), 1: (1, 2, 3, 4, 6, 8)}
+SPLITS = {2: (1, 2, 3, 4, 6, 8, 12), 3: (0, 1, 2, 3, 4, 6, 8, 9, 12), 1: (1, 2, 3, 4, 6, 8),
+          **{st: (0, 1, 2, 3, 4) for st in range(4, 8)}}
 for k, n in ((7168, 18432), (18432, 7168)):
     w = (torch.randn(n, k, device=dev, generator=gen) * 0.02).to(torch.bfloat16)
     qt = quantize(w, QuantSpec(bits=4, scheme="asym", group=128))

@@ -26,7 +26,7 @@ SPECS = [
 
 
 PLANS = ((0, 0), (2, 2), (0, 1), (3, 1))  # (splits, staging): launcher's own, chunked, whole
-GEMV_PLANS = ((0, 3), (3, 3))              # int4 only: the GEMV (batches of 1 to 8 rows)
+GEMV_PLANS = ((0, 3), (3, 3), (0, 4), (2, 5), (0, 6), (2, 7))  # int4 only: the GEMV (batches of 1 to 8 rows)
 
 
 def rel(y, ref):

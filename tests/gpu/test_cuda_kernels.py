@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
 from ciuic_lab.kernels import REGISTRY  # noqa: E402
-from ciuic_lab.kernels.cuda import CUDA  # noqa: E402
+from ciuic_lab.kernels.cuda import CUDA, STAGE_NAMES  # noqa: E402
 
 _ok, _why = CUDA.available()
 if not _ok:
@@ -153,9 +153,9 @@ GEMV_SPECS = ["int4-asym-g128", "int4-sym-g64", "int4-asym-g256", "int4-asym-cha
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", GEMV_SPECS)
 def test_gemv_random_shapes_every_split(name, dtype):
-    """The int4 GEMV (staging 3, batches of 1 to 8 rows; 9 rows and more take the general kernel) on
-    fresh shapes, every split-K count from the launcher's own to more splits than K tiles, x 16-byte
-    aligned or not; two runs agree bit for bit."""
+    """The int4 GEMV (stagings 3 to 7, every block shape; batches of 1 to 8 rows; 9 rows and more take the general
+    kernel) on fresh shapes, every split-K count from the launcher's own to more splits than K tiles,
+    x 16-byte aligned or not; two runs agree bit for bit."""
     spec = SPECS[name]
     r = rng_for(f"gemv-{name}-{dtype}")
     gen = torch.Generator(device=DEV)
@@ -171,12 +171,17 @@ def test_gemv_random_shapes_every_split(name, dtype):
             x = flat[1:].view(m, k) if trial == 2 else flat[: m * k].view(m, k)
             bias = torch.randn(n, device=DEV, generator=gen).to(dtype) if trial % 2 else None
             ref = reference(x, qt, bias)
-            for s in (0, 1, 2, 3, 5, 64):
-                CUDA.splits, CUDA.staging = s, 3
+            # blocks of 4 row tiles (3) with every split-K count; blocks of R row tiles whose K range
+            # S warps share (4..7: 1x3, 1x7, 3x3, 2x7), 0 to more splits across blocks than K tiles
+            plans = [(s, 3) for s in (0, 1, 2, 3, 5, 64)] + \
+                [(r.choice([0, 1, 2, 3, 64]), st) for st in range(4, 8)]
+            for s, st in plans:
+                CUDA.splits, CUDA.staging = s, st
                 y1 = run_linear(x, p, bias)
                 y2 = run_linear(x, p, bias)
-                check(y1, ref, dtype, f"gemv {name} {dtype} N={n} K={k} M={m} splits={s} aligned={trial != 2}")
-                assert torch.equal(y1, y2), f"gemv {name} splits={s}: two runs differ (a race?) (seed {SEED})"
+                what = f"gemv {name} {dtype} N={n} K={k} M={m} splits={s} staging={st} aligned={trial != 2}"
+                check(y1, ref, dtype, what)
+                assert torch.equal(y1, y2), f"{what}: two runs differ (a race?) (seed {SEED})"
     finally:
         CUDA.splits, CUDA.staging = 0, 0
 
@@ -188,19 +193,20 @@ def test_gemv_without_workspace_falls_back_when_x_does_not_fit():
     gen.manual_seed(SEED)
     spec = SPECS["int4-asym-g128"]
     try:
-        CUDA.staging = 3
-        for n, k, m in ((97, 12800 + SEED % 64, 8), (97, 2000, 3)):
-            qt = quantize(random_weight(n, k, gen), spec)
-            p = CUDA.prepare(qt)
-            x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, stream=s):
-                y = CUDA.linear(x, p)
-            g.replay()
-            torch.cuda.synchronize()
-            check(y, reference(x, qt), torch.bfloat16, f"graph, no workspace, N={n} K={k} M={m}")
+        for staging in (3, 4, 6, 7):
+            CUDA.staging = staging
+            for n, k, m in ((97, 12800 + SEED % 64, 8), (97, 2000, 3)):
+                qt = quantize(random_weight(n, k, gen), spec)
+                p = CUDA.prepare(qt)
+                x = torch.randn(m, k, device=DEV, generator=gen).to(torch.bfloat16)
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, stream=s):
+                    y = CUDA.linear(x, p)
+                g.replay()
+                torch.cuda.synchronize()
+                check(y, reference(x, qt), torch.bfloat16, f"graph, no workspace, staging {staging} N={n} K={k} M={m}")
     finally:
         CUDA.staging = 0
 
@@ -420,7 +426,7 @@ def test_first_use_measures_a_plan_and_keeps_it():
     new = [key for key in CUDA.tuned if key not in before]
     assert len(new) == 1 and new[0][4:6] == (n, k)
     splits, staging, us = CUDA.tuned[new[0]]
-    assert splits >= 0 and staging in (0, 1, 2, 3) and us > 0
+    assert splits >= 0 and 0 <= staging < len(STAGE_NAMES) and us > 0
     check(y, reference(x, qt), torch.bfloat16, "after tuning")
     run_linear(x, p)
     assert set(CUDA.tuned) == before | set(new)

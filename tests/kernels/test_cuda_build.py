@@ -147,6 +147,12 @@ def test_sources_compile_and_open(tmp_path, monkeypatch):
     assert kc.build(cache_dir=cache) == lib  # cached: no rebuild
     ffi, handle = kc.open_library(lib)
     assert handle.ciuic_abi_version() == handle.CIUIC_ABI_VERSION
+    # the backend's staging names and block shapes are the header's
+    assert len(kc.STAGE_NAMES) == handle.CIUIC_STAGE_GEMV_2X7 + 1
+    assert kc.STAGE_GEMV == handle.CIUIC_STAGE_GEMV
+    for (r, s), code in kc.STAGE_GEMV_RS.items():
+        assert getattr(handle, f"CIUIC_STAGE_GEMV_{r}X{s}") == code
+        assert kc.STAGE_NAMES[code] == f"gemv-{r}x{s}"
     assert b"group" in ffi.string(handle.ciuic_error_string(handle.CIUIC_ERR_GROUP))
     assert b"illegal memory access" in ffi.string(handle.ciuic_error_string(700))
     out = ffi.new("int64_t[3]")
