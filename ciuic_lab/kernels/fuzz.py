@@ -52,20 +52,20 @@ class FuzzReport:
                 "by_layout": self.by_layout, "seconds": round(self.seconds, 2)}
 
 
-def _draw_spec(rng: np.random.Generator) -> QuantSpec:
+def _draw_spec(rng: np.random.Generator, groups=GROUPS) -> QuantSpec:
     if rng.random() < 0.12:
         return QuantSpec(bits=8, format="fp8_e4m3", scheme="sym", group=128)
     bits = int(rng.choice(BITS))
     scheme = ("asym", "sym")[int(rng.integers(2))]
-    group = GROUPS[int(rng.integers(len(GROUPS)))]
+    group = groups[int(rng.integers(len(groups)))]
     return QuantSpec(bits=bits, scheme=scheme, group=group)
 
 
-def _draw_case(backend, rng: np.random.Generator, device: str):
+def _draw_case(backend, rng: np.random.Generator, device: str, groups=GROUPS):
     """A (spec, layout, n, k, m, dtype, bias) the backend supports; drawn again until it does."""
     dtypes = (torch.float32, torch.bfloat16, torch.float16) if device == "cpu" else (torch.bfloat16, torch.float16)
     for _ in range(1000):
-        spec = _draw_spec(rng)
+        spec = _draw_spec(rng, groups)
         layout = backend.layouts[int(rng.integers(len(backend.layouts)))]
         m = int(rng.integers(1, 34))
         if not backend.supports(spec, layout, m):
@@ -82,8 +82,15 @@ def _draw_case(backend, rng: np.random.Generator, device: str):
     raise KernelError(f"backend {backend.name!r} supports none of the drawn formats and layouts")
 
 
-def fuzz_backend(name: str, cases: int = 500, seed: int | None = None) -> FuzzReport:
-    """Run ``cases`` random cases of backend ``name`` against the reference; collect failures, never raise."""
+def fuzz_backend(name: str, cases: int = 500, seed: int | None = None, groups=None) -> FuzzReport:
+    """Run ``cases`` random cases of backend ``name`` against the reference; collect failures, never raise.
+
+    ``groups``: the group sizes to draw from (default: all of ``GROUPS``). Each group size is its own
+    compiled kernel for the Numba backend, so fewer of them is a faster first run on a cold cache."""
+    groups = tuple(groups) if groups else GROUPS
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise KernelError(f"fuzz groups {bad} are not drawn; accepted: {', '.join(map(str, GROUPS))}")
     backend = REGISTRY.get(name)
     ok, why = backend.available()
     if not ok:
@@ -94,7 +101,7 @@ def fuzz_backend(name: str, cases: int = 500, seed: int | None = None) -> FuzzRe
     rep = FuzzReport(name, seed)
     t0 = time.perf_counter()
     for i in range(cases):
-        spec, layout, n, k, m, dtype, has_bias = _draw_case(backend, rng, device)
+        spec, layout, n, k, m, dtype, has_bias = _draw_case(backend, rng, device, groups)
         what = f"case {i}: {spec.label()} layout={layout} N={n} K={k} M={m} {str(dtype)[6:]} bias={has_bias}"
         gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
         w = torch.randn(n, k, generator=gen) * 0.05
@@ -135,10 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", action="append", help="backend name (repeatable); default: every available one")
     ap.add_argument("--cases", type=int, default=500)
     ap.add_argument("--seed", type=int)
+    ap.add_argument("--groups", help="comma-separated group sizes to draw from (default: all: "
+                    + ",".join(map(str, GROUPS)) + ")")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     names = a.backend or available_backends()
-    reports = [fuzz_backend(n, a.cases, a.seed) for n in names]
+    groups = None
+    if a.groups:
+        groups = [int(g) if g.strip().isdigit() else g.strip() for g in a.groups.split(",") if g.strip()]
+    reports = [fuzz_backend(n, a.cases, a.seed, groups) for n in names]
     if a.json:
         print(json.dumps([r.as_dict() for r in reports], indent=1))
     else:
