@@ -98,6 +98,16 @@ static void set_workspace(Params &p, void *ws) {
   p.ws = ws ? reinterpret_cast<float *>(static_cast<char *>(ws) + CIUIC_COUNTER_BYTES) : nullptr;
 }
 
+// The GEMV's block shape for one row of x when no plan was measured: the shapes the backend's
+// measurements chose on an H100 for DeepSeek-V3's weights (docs/benchmarks.md), by rows and inputs.
+// Two rows and more keep 4 row tiles per block, which measured as fast or faster there. The 1 x 7
+// shape (small weights) runs without splits across blocks, as measured best.
+static int gemv_auto_shape(int nt, int kt) {
+  if (nt >= 768) return kt >= 48 ? CIUIC_STAGE_GEMV_3X3 : CIUIC_STAGE_GEMV_1X3;
+  if (nt >= 256) return CIUIC_STAGE_GEMV_2X7;
+  return CIUIC_STAGE_GEMV_1X7;
+}
+
 static cudaError_t dispatch_plain(int fmt, bool bf16, int mt, CIUIC_LAUNCH_ARGS) {
   switch (fmt) {
     case CIUIC_FMT_INT4: return launch_plain_int4(bf16, mt, p, grid, rq, s);
@@ -231,8 +241,14 @@ extern "C" int ciuic_wgemm(int fmt, int dtype, const void *x, int m, int n, int 
     // (native/README.md); at 5..8 rows the backend's tuner measures both
     const bool gemv_asked = staging >= CIUIC_STAGE_GEMV && staging <= CIUIC_STAGE_GEMV_2X7;
     if (fmt == CIUIC_FMT_INT4 && ((gemv_asked && mc <= CIUIC_GEMV_MAX_M) ||
-                                  (staging == CIUIC_STAGE_AUTO && mc <= kGemvAutoM)))
-      e = launch_gemv_int4(bf16, p, rq, st, &done);
+                                  (staging == CIUIC_STAGE_AUTO && mc <= kGemvAutoM))) {
+      SplitRequest rg = rq;
+      if (staging == CIUIC_STAGE_AUTO && mc == 1) {
+        rg.staging = gemv_auto_shape(p.nt, p.kt);
+        if (rg.staging == CIUIC_STAGE_GEMV_1X7 && rg.requested == 0) rg.requested = 1;  // measured best
+      }
+      e = launch_gemv_int4(bf16, p, rg, st, &done);
+    }
     if (!done) {
       SplitRequest r2 = rq;
       if (gemv_asked) r2.staging = CIUIC_STAGE_AUTO;
