@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(32 * R * S, CIUIC_GEMV_SM_WARPS / (R * S) > 0 
   __shared__ int s_last;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, t4 = lane & 3;
+  const int g = lane >> 2;
   const int split = blockIdx.y;
   const int slice = S > 1 ? warp % S : 0;
   const int m_rows = p.m;
