@@ -9,30 +9,22 @@
 
 namespace ciuic {
 
-int sm_count() {
+// One attribute of the current device, read once per device (`fallback` when it cannot be read).
+template <cudaDeviceAttr A>
+static int device_attr(int fallback) {
   static int cache[64] = {0};
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return fallback;
   if (cache[dev] == 0) {
     int v = 0;
-    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0) v = 132;
+    if (cudaDeviceGetAttribute(&v, A, dev) != cudaSuccess || v <= 0) v = fallback;
     cache[dev] = v;
   }
   return cache[dev];
 }
 
-int sm_shared_bytes() {
-  static int cache[64] = {0};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 100 * 1024;
-  if (cache[dev] == 0) {
-    int v = 0;
-    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess || v <= 0)
-      v = 100 * 1024;
-    cache[dev] = v;
-  }
-  return cache[dev];
-}
+int sm_count() { return device_attr<cudaDevAttrMultiProcessorCount>(132); }
+int sm_shared_bytes() { return device_attr<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(100 * 1024); }
 
 static bool aligned(const void *p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) & (a - 1)) == 0; }
 
@@ -55,6 +47,14 @@ static bool group_shift(int group, int k, int n_groups, int *shift) {
 }
 
 }  // namespace ciuic
+
+// The most K splits whose partial sums the workspace holds for `blocks` blocks per split (1 without a
+// workspace, or with more blocks than counters).
+int ciuic::workspace_splits(const SplitRequest &rq, int blocks) {
+  if (!rq.has_workspace || blocks > CIUIC_COUNTER_BYTES / 4 || rq.ws_floats < 2 * rq.floats_per_split) return 1;
+  const int64_t n = rq.ws_floats / rq.floats_per_split;
+  return n > (1 << 30) ? (1 << 30) : static_cast<int>(n);
+}
 
 // Split-K plan: the K ranges (and tiles per range, a multiple of the chunk) for one launch. Without a
 // request, for batch <= 8 it fills one wave of resident blocks (occupancy x multiprocessors): every
@@ -79,13 +79,9 @@ int ciuic::plan_splits(const SplitRequest &rq, int kt, int ck, int occ, int *tps
     if (s < rq.min_splits) s = rq.min_splits;
   }
   if (s > nck) s = nck;
+  const int by_ws = workspace_splits(rq, rq.blocks_xz);
+  if (s > by_ws) s = by_ws;
   if (s < 1) s = 1;
-  if (s > 1) {
-    if (!rq.has_workspace || rq.blocks_xz > CIUIC_COUNTER_BYTES / 4 || rq.ws_floats < 2 * rq.floats_per_split)
-      s = 1;
-    else if (rq.ws_floats < s * rq.floats_per_split)
-      s = static_cast<int>(rq.ws_floats / rq.floats_per_split);
-  }
   const int per = (kt + s - 1) / s;
   *tps = (per + ck - 1) / ck * ck;
   return (kt + *tps - 1) / *tps;

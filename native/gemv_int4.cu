@@ -59,9 +59,8 @@ static cudaError_t launch_gemv_slices(Params p, const SplitRequest &rq, cudaStre
   // at most one split per D * S tiles; the partial sums must fit the workspace
   int ymax = p.kt / (D * S);
   if (ymax < 1) ymax = 1;
-  if (!rq.has_workspace || gx > CIUIC_COUNTER_BYTES / 4) ymax = 1;
-  else if (rq.ws_floats < static_cast<int64_t>(ymax) * rq.floats_per_split)
-    ymax = static_cast<int>(rq.ws_floats / rq.floats_per_split) > 1 ? static_cast<int>(rq.ws_floats / rq.floats_per_split) : 1;
+  const int by_ws = workspace_splits(rq, gx);
+  if (ymax > by_ws) ymax = by_ws;
   int y = rq.requested > 0 ? rq.requested : 1;
   if (rq.requested <= 0)  // the most blocks along K that keep every block in one wave
     while (y < ymax && static_cast<int64_t>(gx) * (y + 1) <= static_cast<int64_t>(occ_of(y + 1)) * sms) ++y;

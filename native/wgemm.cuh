@@ -795,6 +795,9 @@ struct SplitRequest {
 int sm_count();
 int sm_shared_bytes();
 
+// The most K splits whose partial sums the workspace holds for `blocks` blocks per split (api.cu).
+int workspace_splits(const SplitRequest &rq, int blocks);
+
 // Splits and tiles per split for a kernel of `ck` tiles per chunk of which `occ` blocks fit on a
 // multiprocessor (api.cu).
 int plan_splits(const SplitRequest &rq, int kt, int ck, int occ, int *tps);

@@ -70,6 +70,11 @@ STAGE_NAMES = ("auto", "whole", "chunk", "gemv", "gemv-1x3", "gemv-1x7", "gemv-3
 GEMV_STAGINGS = (STAGE_GEMV, *STAGE_GEMV_RS.values())
 TUNE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)   # split-K counts tried per launch shape (with each staging)
 TUNE_BLOCK_SPLITS = (1, 2, 3, 4)          # splits across blocks tried for the gemv-<R>x<S> stagings
+
+
+def tune_splits(staging: int) -> tuple[int, ...]:
+    """The split counts the tuner (and the benchmark's sweep) tries with one staging."""
+    return TUNE_SPLITS if staging <= STAGE_GEMV else TUNE_BLOCK_SPLITS
 GEMV_MAX_M = 8                      # batch rows the int4 GEMV takes (CIUIC_GEMV_MAX_M)
 DT = {torch.bfloat16: 0, torch.float16: 1}
 WORKSPACE_BYTES = 16 << 20          # split-K partial sums (per device and stream)
@@ -635,7 +640,7 @@ class CudaBackend:
             return 0, STAGE_AUTO
         stagings = stagings or (STAGE_CHUNK, STAGE_WHOLE)
         cands = [(0, STAGE_AUTO)] + [(0, st) for st in stagings if st in GEMV_STAGINGS] + \
-            [(s, st) for st in stagings for s in (TUNE_SPLITS if st <= STAGE_GEMV else TUNE_BLOCK_SPLITS)]
+            [(s, st) for st in stagings for s in tune_splits(st)]
         ok = [c for c in cands if launch(*c) == 0]
         if not ok:
             return 0, STAGE_AUTO  # the caller's own launch reports the error

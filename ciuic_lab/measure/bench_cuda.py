@@ -33,8 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CiuicError
-from ..kernels.cuda import (GEMV_STAGINGS, STAGE_CHUNK, STAGE_GEMV, STAGE_NAMES, STAGE_WHOLE, TUNE_BLOCK_SPLITS,
-                            TUNE_SPLITS)
+from ..kernels.cuda import GEMV_STAGINGS, STAGE_CHUNK, STAGE_NAMES, STAGE_WHOLE, tune_splits
 from ..quant import QuantSpec, dequantize, quantize
 
 # DeepSeek-V3 projections, (K inputs, N outputs)
@@ -223,7 +222,7 @@ def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
                 if sweep and f == "int4":
                     sw = {}
                     for st in (STAGE_CHUNK, STAGE_WHOLE, *GEMV_STAGINGS):
-                        for s in (TUNE_SPLITS if st <= STAGE_GEMV else TUNE_BLOCK_SPLITS):
+                        for s in tune_splits(st):
                             backend.splits, backend.staging = s, st
                             try:
                                 sw[f"{STAGE_NAMES[st]}/{s}"] = time_calls([lambda c=c: backend.linear(x, c) for c in cps],
