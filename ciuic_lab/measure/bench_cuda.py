@@ -14,6 +14,13 @@ exceed the L2 cache several times, so every call reads from device memory. Achie
 the weight's stored bytes (codes, scales, zero points) and is set against the device-to-device copy
 bandwidth measured in the same run (bytes read plus bytes written).
 
+Each row is timed twice: ``us``, isolated (events around every call, as above), and ``chained_us``,
+back to back in one captured CUDA graph (as a captured decode step runs them: no events or host gaps
+between calls, each launch's own start and tail kept). ``launch_fit`` times int4 batch 1 at N = 18432
+over four K and fits each kernel to ``us = fixed + bytes / rate``: how fast it streams its weight,
+apart from what each launch costs whatever its size (which is why a 70 MB weight cannot show the
+streaming rate in its isolated time).
+
 ``bench_decode_cuda`` builds a ~2B-parameter DeepSeek-V3-architecture model from a config (random
 weights) and measures greedy decode tokens/s with a static KV cache and CUDA graphs, bf16 against
 int4 (groups of 128) on these kernels. ``profile=True`` adds the kernels that take the most device
@@ -104,6 +111,39 @@ def time_calls(fns: list[Callable[[], Any]], reps: int = 100, warmup: int = 10, 
     return best
 
 
+def time_chain(fns: list[Callable[[], Any]], reps: int = 30, min_calls: int = 12) -> float:
+    """Device time per call, in microseconds, of ``fns`` run back to back as a CUDA graph runs them.
+
+    The calls (cycled through until there are ``min_calls``) are captured in one graph on a stream
+    they were first run on eagerly (so workspaces they keep per stream exist); each replay sits
+    between two CUDA events, behind a spin kernel as in ``time_calls``; the median replay over the
+    number of calls. Against ``time_calls`` this drops the events between calls and the launch gaps
+    the host leaves, as in a captured decode step; what stays is each launch's own start and tail."""
+    n = len(fns)
+    calls = max(n, math.ceil(min_calls / n) * n)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(calls):
+            fns[i % n]()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=side):
+        for i in range(calls):
+            fns[i % n]()
+    g.replay()
+    torch.cuda.synchronize()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    torch.cuda._sleep(int(2.0e9 * 0.02))
+    for a, b in ev:
+        a.record()
+        g.replay()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3 / calls
+
+
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
     """Device-to-device copy, bytes read + bytes written per second (GB/s)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
@@ -138,15 +178,82 @@ def _tinygemm_pack(qt) -> tuple[torch.Tensor, torch.Tensor]:
     return w, sz
 
 
+class _Peers:
+    """One weight of shape [n, k] in every timed form, each rotated over enough copies to miss L2:
+    bf16 (cuBLAS), torch's int4 pack (tinygemm), and ours per format."""
+
+    def __init__(self, backend, k: int, n: int, formats, l2: int, gen: torch.Generator):
+        dev = gen.device
+        self.k, self.n = k, n
+        w = (torch.randn(n, k, device=dev, generator=gen) * 0.02).to(torch.bfloat16)
+        self.dense = [w] + [w.clone() for _ in range(_copies(n * k * 2, l2) - 1)]
+        self.q = {f: quantize(w, SPECS[f]) for f in formats}
+        self.ours = {}
+        for f in formats:
+            p0 = backend.prepare(self.q[f], "auto")
+            self.ours[f] = [p0] + [p0.clone() for _ in range(_copies(p0.nbytes, l2) - 1)]
+        self.tg, self.tg_error = None, None
+        if "int4" in formats:
+            try:
+                tw, tsz = _tinygemm_pack(self.q["int4"])
+                nb = tw.numel() * tw.element_size()
+                self.tg = [(tw, tsz)] + [(tw.clone(), tsz.clone()) for _ in range(_copies(nb, l2) - 1)]
+            except Exception as e:  # an older/newer torch without the CUDA int4 kernel
+                self.tg_error = f"{type(e).__name__}: {e}"[:200]
+
+    def calls(self, backend, x: torch.Tensor, formats, check: bool = True) -> dict[str, tuple[list, int, float | None]]:
+        """kernel name -> (calls over the copies, weight bytes, relative error against fp64 or None).
+        Every kernel of ours is checked before it is timed; a wrong one raises (unless not ``check``:
+        diagnostic builds that skip part of the work)."""
+        out: dict[str, tuple[list, int, float | None]] = {
+            "cublas_bf16": ([lambda wi=wi: F.linear(x, wi) for wi in self.dense], self.n * self.k * 2, None)}
+        label = f"{self.k}->{self.n} batch {x.shape[0]}"
+        if self.tg is not None:
+            try:
+                ref = x.double() @ dequantize(self.q["int4"], torch.float64).T
+                err = _rel_err(torch.ops.aten._weight_int4pack_mm(x, self.tg[0][0], 128, self.tg[0][1]), ref)
+                out["tinygemm_int4"] = ([lambda a=a, b=b: torch.ops.aten._weight_int4pack_mm(x, a, 128, b)
+                                         for a, b in self.tg], self.q["int4"].nbytes, err)
+            except Exception as e:
+                self.tg_error = f"{type(e).__name__}: {e}"[:200]
+        for f in formats:
+            cps = self.ours[f]
+            ref = x.double() @ dequantize(self.q[f], torch.float64).T
+            y = torch.full((x.shape[0], self.n), float("nan"), dtype=torch.bfloat16, device=x.device)
+            backend.linear(x, cps[0], out=y)
+            err = _rel_err(y, ref)
+            if check and not err < 1e-2:
+                raise CiuicError(f"ciuic_{f} {label}: relative error {err:.3g} against the reference; "
+                                 "refusing to time a wrong kernel")
+            out[f"ciuic_{f}"] = ([lambda c=c: backend.linear(x, c) for c in cps], self.q[f].nbytes, err)
+        return out
+
+
+def _timed_row(fns: list, nbytes: int, copy_gbs: float, reps: int, chained: bool) -> dict[str, Any]:
+    r = time_calls(fns, reps=reps)
+    row = {"us": r["us"], "p10_us": r["p10"], "p90_us": r["p90"], "weight_bytes": nbytes,
+           "GBps": nbytes / r["us"] / 1e3, "pct_copy_bw": 100 * nbytes / r["us"] / 1e3 / copy_gbs}
+    if chained:
+        t = time_chain(fns)
+        row.update(chained_us=t, chained_pct_copy_bw=100 * nbytes / t / 1e3 / copy_gbs)
+    return row
+
+
 def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
-                       formats=("int4", "int8", "fp8"), sweep: bool = False, reps: int | None = None) -> dict:
+                       formats=("int4", "int8", "fp8"), sweep: bool = False, reps: int | None = None,
+                       chained: bool = True, fit_ks=None) -> dict:
     """Kernel timings on the GPU (see the module's docstring). ``sweep`` also times every split-K
-    choice of our int4 kernel (for tuning; the reported row is the launcher's own choice)."""
+    choice of our int4 kernel (for tuning; the reported row is the launcher's own choice).
+    ``chained`` adds each kernel's time per call back to back in a CUDA graph (``time_chain``);
+    ``fit_ks`` (default: 3584, 7168, 14336, 21504 in a full run, none in a quick one) times int4 batch 1
+    at N = 18432 for those K and fits each kernel's time to ``fixed + bytes / streaming rate``."""
     _need_cuda()
     backend = _cuda_backend()
     shapes = tuple(shapes or (DEEPSEEK_V3_SHAPES[:2] if quick else DEEPSEEK_V3_SHAPES))
     batches = tuple(batches if not quick else (1, 16))
     reps = reps or (30 if quick else 200)
+    if fit_ks is None:
+        fit_ks = () if quick else (3584, 7168, 14336, 21504)
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     l2 = int(getattr(props, "L2_cache_size", 50 << 20) or (50 << 20))
@@ -155,66 +262,27 @@ def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
     gen.manual_seed(1234)
     rows: list[dict[str, Any]] = []
     sweeps: list[dict[str, Any]] = []
+    tg_error = None
     for k, n in shapes:
-        w = (torch.randn(n, k, device=dev, generator=gen) * 0.02).to(torch.bfloat16)
-        wbytes_bf16 = n * k * 2
-        dense = [w] + [w.clone() for _ in range(_copies(wbytes_bf16, l2) - 1)]
-        q = {f: quantize(w, SPECS[f]) for f in formats}
-        prepared = {f: backend.prepare(q[f], "auto") for f in formats}
-        ours = {}
-        for f in formats:
-            p0 = prepared[f]
-            ours[f] = [p0] + [p0.clone() for _ in range(_copies(p0.nbytes, l2) - 1)]
-        tg = None
-        tg_error = None
-        if "int4" in formats:
-            try:
-                tw, tsz = _tinygemm_pack(q["int4"])
-                tg = [(tw, tsz)] + [(tw.clone(), tsz.clone()) for _ in range(_copies(tw.numel() * tw.element_size(), l2) - 1)]
-            except Exception as e:  # an older/newer torch without the CUDA int4 kernel
-                tg_error = f"{type(e).__name__}: {e}"[:200]
+        peers = _Peers(backend, k, n, formats, l2, gen)
         for m in batches:
             x = (torch.randn(m, k, device=dev, generator=gen)).to(torch.bfloat16)
             base = {"shape": f"{k}->{n}", "K": k, "N": n, "batch": m}
-            # cuBLAS bf16
-            r = time_calls([lambda wi=wi: F.linear(x, wi) for wi in dense], reps=reps)
-            cublas_us = r["us"]
-            rows.append({**base, "kernel": "cublas_bf16", "us": r["us"], "p10_us": r["p10"], "p90_us": r["p90"],
-                         "weight_bytes": wbytes_bf16, "GBps": wbytes_bf16 / r["us"] / 1e3,
-                         "pct_copy_bw": 100 * wbytes_bf16 / r["us"] / 1e3 / copy_gbs, "rel_err": None})
-            tg_us = None
-            if tg is not None:
-                try:
-                    ref = x.double() @ dequantize(q["int4"], torch.float64).T
-                    yt = torch.ops.aten._weight_int4pack_mm(x, tg[0][0], 128, tg[0][1])
-                    err = _rel_err(yt, ref)
-                    r = time_calls([lambda a=a, b=b: torch.ops.aten._weight_int4pack_mm(x, a, 128, b) for a, b in tg],
-                                   reps=reps)
-                    tg_us = r["us"]
-                    nb = q["int4"].nbytes
-                    rows.append({**base, "kernel": "tinygemm_int4", "us": r["us"], "p10_us": r["p10"],
-                                 "p90_us": r["p90"], "weight_bytes": nb, "GBps": nb / r["us"] / 1e3,
-                                 "pct_copy_bw": 100 * nb / r["us"] / 1e3 / copy_gbs, "rel_err": err})
-                except Exception as e:
-                    tg_error = f"{type(e).__name__}: {e}"[:200]
-            for f in formats:
-                cps = ours[f]
-                ref = x.double() @ dequantize(q[f], torch.float64).T
-                y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=dev)
-                backend.linear(x, cps[0], out=y)
-                err = _rel_err(y, ref)
-                if not err < 1e-2:
-                    raise CiuicError(f"ciuic_{f} {k}->{n} batch {m}: relative error {err:.3g} against the reference; "
-                                     "refusing to time a wrong kernel")
-                r = time_calls([lambda c=c: backend.linear(x, c) for c in cps], reps=reps)
-                nb = q[f].nbytes
-                row = {**base, "kernel": f"ciuic_{f}", "us": r["us"], "p10_us": r["p10"], "p90_us": r["p90"],
-                       "weight_bytes": nb, "GBps": nb / r["us"] / 1e3,
-                       "pct_copy_bw": 100 * nb / r["us"] / 1e3 / copy_gbs, "rel_err": err,
-                       "speedup_vs_cublas": cublas_us / r["us"]}
-                if tg_us is not None:
-                    row["speedup_vs_tinygemm"] = tg_us / r["us"]
+            peer_rows = {}
+            for name, (fns, nbytes, err) in peers.calls(backend, x, formats).items():
+                row = {**base, "kernel": name, **_timed_row(fns, nbytes, copy_gbs, reps, chained), "rel_err": err}
+                peer_rows[name] = row
                 rows.append(row)
+            cb, tg = peer_rows["cublas_bf16"], peer_rows.get("tinygemm_int4")
+            for f in formats:
+                row = peer_rows[f"ciuic_{f}"]
+                for peer, key in ((cb, "cublas"), (tg, "tinygemm")):
+                    if peer is None:
+                        continue
+                    row[f"speedup_vs_{key}"] = peer["us"] / row["us"]
+                    if chained:
+                        row[f"chained_speedup_vs_{key}"] = peer["chained_us"] / row["chained_us"]
+                cps = peers.ours[f]
                 cfg = [v for key, v in backend.tuned.items()
                        if key[0] == "linear" and key[4:6] == (n, k) and key[2] == cps[0].fmt and key[-1] == min(m, 32)]
                 if cfg:
@@ -229,17 +297,21 @@ def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
                                                                       reps=max(20, reps // 4))["us"]
                             finally:
                                 backend.splits, backend.staging = 0, 0
-                    sweeps.append({**base, "format": f, "auto_us": r["us"], "by_splits_us": sw})
-        del dense, ours, tg, prepared, q, w
+                    sweeps.append({**base, "format": f, "auto_us": row["us"], "by_splits_us": sw})
+        tg_error = tg_error or peers.tg_error
+        del peers
         torch.cuda.empty_cache()
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(dev),
         "torch": torch.__version__,
         "copy_bandwidth_GBps": copy_gbs,
         "l2_bytes": l2,
-        "timing": f"CUDA events per call, median of {reps}, weights rotated over >= 3x L2",
+        "timing": f"CUDA events per call, median of {reps}, weights rotated over >= 3x L2"
+                  + ("; chained_*: back to back in one CUDA graph, median replay / calls" if chained else ""),
         "rows": rows,
     }
+    if fit_ks and "int4" in formats:
+        out["launch_fit"] = launch_fit(backend, fit_ks, 18432, copy_gbs, l2, gen, reps=min(reps, 100))
     if tg_error:
         out["tinygemm_error"] = tg_error
     if sweeps:
@@ -248,8 +320,40 @@ def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
     return out
 
 
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares ``us = fixed + nbytes / rate`` over (nbytes, us): (fixed in us, rate in GB/s)."""
+    if len(points) < 2 or len({p[0] for p in points}) < 2:
+        raise ValueError(f"fitting a line needs two or more distinct sizes; got {points}")
+    mx = statistics.fmean(p[0] for p in points)
+    my = statistics.fmean(p[1] for p in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - slope * mx, 1e-3 / slope
+
+
+def launch_fit(backend, ks, n: int, copy_gbs: float, l2: int, gen: torch.Generator, reps: int = 100) -> dict:
+    """int4 batch 1 at N = ``n`` for each K in ``ks``, each kernel timed isolated and chained; per
+    kernel and method, the line ``us = fixed + bytes / rate``: the launch's fixed cost (start,
+    ramp-up, tail) apart from the rate at which it streams its weight (against the copy bandwidth)."""
+    pts: dict[str, list[tuple[float, float]]] = {}
+    for k in ks:
+        peers = _Peers(backend, k, n, ("int4",), l2, gen)
+        x = torch.randn(1, k, device=gen.device, generator=gen).to(torch.bfloat16)
+        for name, (fns, nbytes, _) in peers.calls(backend, x, ("int4",)).items():
+            r = _timed_row(fns, nbytes, copy_gbs, reps, chained=True)
+            pts.setdefault(f"{name}/isolated", []).append((nbytes, r["us"]))
+            pts.setdefault(f"{name}/chained", []).append((nbytes, r["chained_us"]))
+        del peers
+        torch.cuda.empty_cache()
+    fits = {}
+    for key, p in pts.items():
+        fixed, rate = fit_line(p)
+        fits[key] = {"fixed_us": fixed, "stream_GBps": rate, "stream_pct_copy_bw": 100 * rate / copy_gbs,
+                     "points_us": {f"{b / 1e6:.1f}MB": round(t, 2) for b, t in p}}
+    return {"n": n, "ks": list(ks), "batch": 1, "fits": fits}
+
+
 def _figures(rows: list[dict], copy_gbs: float) -> dict[str, Any]:
-    """The issue's headline numbers, read off the rows."""
+    """The issue's headline numbers, read off the rows (``chained_*``: the same, back to back)."""
     def get(shape, m, kernel):
         for r in rows:
             if r["shape"] == shape and r["batch"] == m and r["kernel"] == kernel:
@@ -262,6 +366,10 @@ def _figures(rows: list[dict], copy_gbs: float) -> dict[str, Any]:
         f["int4_b1_7168x18432_pct_copy_bw"] = a["pct_copy_bw"]
         f["int4_b1_7168x18432_vs_cublas"] = a.get("speedup_vs_cublas")
         f["int4_b1_7168x18432_vs_tinygemm"] = a.get("speedup_vs_tinygemm")
+        if "chained_us" in a:
+            f["chained_int4_b1_7168x18432_pct_copy_bw"] = a["chained_pct_copy_bw"]
+            f["chained_int4_b1_7168x18432_vs_cublas"] = a.get("chained_speedup_vs_cublas")
+            f["chained_int4_b1_7168x18432_vs_tinygemm"] = a.get("chained_speedup_vs_tinygemm")
     for shape in ("7168->18432", "18432->7168"):
         b = get(shape, 16, "ciuic_int4")
         if b:

@@ -62,12 +62,17 @@ try:
 except Exception as e:
     print("no bench json:", e); sys.exit(0)
 print(f"copy bandwidth {d['copy_bandwidth_GBps']:.0f} GB/s on {d['device']}")
-print(f"{'shape':>12} {'M':>3} {'kernel':>14} {'us':>8} {'GB/s':>7} {'%copy':>6} {'xcuBLAS':>7} {'xtiny':>6} {'err':>8}")
+print(f"{'shape':>12} {'M':>3} {'kernel':>14} {'us':>8} {'GB/s':>7} {'%copy':>6} {'xcuBLAS':>7} {'xtiny':>6} {'err':>8}"
+      f" | chained {'us':>6} {'%copy':>6} {'xcuBLAS':>7} {'xtiny':>6}")
 for r in d["rows"]:
     e = r.get("rel_err")
     print(f"{r['shape']:>12} {r['batch']:>3} {r['kernel']:>14} {r['us']:8.1f} {r['GBps']:7.0f} {r['pct_copy_bw']:6.1f} "
           f"{r.get('speedup_vs_cublas', 0) or 0:7.2f} {r.get('speedup_vs_tinygemm', 0) or 0:6.2f} "
-          f"{'' if e is None else format(e, '.1e'):>8}")
+          f"{'' if e is None else format(e, '.1e'):>8} | {r.get('chained_us', 0):14.1f} {r.get('chained_pct_copy_bw', 0):6.1f} "
+          f"{r.get('chained_speedup_vs_cublas', 0) or 0:7.2f} {r.get('chained_speedup_vs_tinygemm', 0) or 0:6.2f}")
+for key, f in d.get("launch_fit", {}).get("fits", {}).items():
+    print(f"fit {key:>24}: fixed {f['fixed_us']:5.2f} us, streaming {f['stream_GBps']:5.0f} GB/s = "
+          f"{f['stream_pct_copy_bw']:5.1f}% of copy  {f['points_us']}")
 print("figures:", json.dumps(d.get("figures", {})))
 for s in d.get("splits_sweep", []):
     print("sweep", s["shape"], s["batch"], "auto", round(s["auto_us"], 1), {k: round(v, 1) for k, v in s["by_splits_us"].items()})

@@ -481,3 +481,31 @@ def test_moe_route_refuses_bad_input():
         CUDA.route(logits, torch.zeros(7, device=DEV), 2, True, 1.0)
     with pytest.raises(KernelError, match="top 9"):
         CUDA.route(logits, None, 9, True, 1.0)
+
+
+def test_chained_timing_and_launch_fit_run_and_are_sane():
+    """time_chain replays a captured graph of our launches (split-K workspace included); the fit
+    gives a positive streaming rate and a fixed cost under the isolated time of the smallest size."""
+    from ciuic_lab.measure.bench_cuda import copy_bandwidth, launch_fit, time_calls, time_chain
+
+    rng = rng_for("chain")
+    n, k = 16 * rng.randrange(40, 80) + rng.randrange(1, 16), 64 * rng.randrange(20, 40) + rng.randrange(1, 64)
+    qt = quantize(torch.randn(n, k, device=DEV), SPECS["int4-asym-g128"])
+    p = CUDA.prepare(qt, "auto")
+    x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+    outs = [torch.full((1, n), float("nan"), dtype=torch.bfloat16, device=DEV) for _ in range(3)]
+    fns = [lambda o=o: CUDA.linear(x, p, out=o) for o in outs]
+    iso = time_calls(fns, reps=20)["us"]
+    ch = time_chain(fns, reps=5)
+    assert 0 < ch < 10 * iso
+    want = reference(x, qt)
+    for o in outs:  # the replays wrote every output, right
+        assert torch.isfinite(o).all()
+        assert ((o.double() - want).norm() / want.norm()).item() < TOL[torch.bfloat16]
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(rng.randrange(1 << 30))
+    l2 = torch.cuda.get_device_properties(DEV).L2_cache_size
+    fit = launch_fit(CUDA, (2048, 8192, 16384), 8192, copy_bandwidth(1 << 28, reps=3), l2, gen, reps=10)
+    ours = fit["fits"]["ciuic_int4/isolated"]
+    assert ours["stream_GBps"] > 0 and set(fit["fits"]) >= {"cublas_bf16/chained", "ciuic_int4/chained"}
+    assert ours["fixed_us"] < min(ours["points_us"].values())
