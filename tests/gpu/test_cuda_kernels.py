@@ -432,6 +432,29 @@ def test_first_use_measures_a_plan_and_keeps_it():
     assert set(CUDA.tuned) == before | set(new)
 
 
+@pytest.mark.parametrize("other_us, picked", [(99.0, "auto"), (80.0, "other")])
+def test_first_use_keeps_the_launchers_plan_unless_another_beats_it_clearly(other_us, picked):
+    """Stand-in launches that spin for set times: a candidate within 3% of the launcher's own plan
+    (the AUTO staging) loses to it; one clearly faster wins."""
+    from ciuic_lab.kernels.cuda import STAGE_AUTO, STAGE_CHUNK, tune_splits
+
+    other = (tune_splits(STAGE_CHUNK)[1], STAGE_CHUNK)
+    cycles_per_us = torch.cuda.get_device_properties(DEV).clock_rate / 1e3  # kHz -> cycles per us
+    times = {(0, STAGE_AUTO): 100.0, other: other_us}
+
+    def launch(splits, staging):
+        torch.cuda._sleep(int(times.get((splits, staging), 300.0) * cycles_per_us))
+        return 0
+
+    key = ("test-race", other_us)
+    try:
+        choice = CUDA._choice(key, launch, DEV, stagings=(STAGE_CHUNK,))
+        assert choice == ((0, STAGE_AUTO) if picked == "auto" else other)
+        assert CUDA.tuned[key][:2] == choice
+    finally:
+        CUDA.tuned.pop(key, None)
+
+
 def _route_reference(logits, bias, top_k, norm, scale):
     """transformers' DeepseekV3 router with one group, after its product (fp64)."""
     scores = torch.sigmoid(logits.double())
