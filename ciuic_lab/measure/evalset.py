@@ -74,7 +74,11 @@ def evalset(size: str | EvalSet | None = "standard") -> EvalSet:
                    s.get("heldout_offset", 0))
 
 
+def token_ids(tokenizer, text: str) -> "torch.Tensor":
+    """``text`` as one 1-D tensor of token ids, without the tokenizer's special tokens."""
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+
 def unscored_heldout_ids(tokenizer) -> "torch.Tensor":
     """The held-out tokens after :data:`SCORED_HELDOUT_TOKENS`: unseen in training, scored by no evaluation set."""
-    ids = tokenizer(_heldout(), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    return ids[SCORED_HELDOUT_TOKENS:]
+    return token_ids(tokenizer, _heldout())[SCORED_HELDOUT_TOKENS:]

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import CiuicError
 from ..sites import Site
-from .evalset import EvalSet, evalset as get_evalset
+from .evalset import EvalSet, evalset as get_evalset, token_ids
 
 
 @dataclass
@@ -55,7 +55,7 @@ def _sync(dev: torch.device) -> None:
 
 
 def heldout_ids(tokenizer, es: EvalSet) -> torch.Tensor:
-    ids = tokenizer(es.heldout, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = token_ids(tokenizer, es.heldout)
     if es.heldout_offset:
         if ids.numel() - es.heldout_offset < es.window:
             raise CiuicError(f"evaluation set {es.name!r} skips {es.heldout_offset} held-out tokens but the text has "

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..measure.evalset import unscored_heldout_ids
+from ..measure.evalset import token_ids, unscored_heldout_ids
 from ..plan import Plan
 from ..quant.gptq import calibrated_quantize
 from ..sites import Site
@@ -41,7 +41,7 @@ def calibration_ids(tokenizer, tokens: int = CALIBRATION_TOKENS, window: int = 1
         return ids[:n].view(-1, window)
 
     tail = whole_windows(unscored_heldout_ids(tokenizer), tokens)
-    train = tokenizer(CALIBRATION.read_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    train = token_ids(tokenizer, CALIBRATION.read_text())
     return torch.cat([tail, whole_windows(train, tokens - tail.numel())])
 
 

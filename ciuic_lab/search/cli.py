@@ -26,6 +26,8 @@ LOW_BPW_FORMATS = ("int2-g256-output-gptq,int2-g128-output-gptq,int2-g64-output-
                    "int3-g128-output-gptq,int3-g64-output-gptq,int4-g256-output-gptq,int4-g128-output-gptq,"
                    "int5-g128-output-gptq")
 LOW_BPW_BELOW = 3.5
+# a latency budget: the whole range, from int2 to int8
+LATENCY_FORMATS = LOW_BPW_FORMATS + ",int6-g128-output-gptq,int8-channel-sym"
 
 
 def add_parsers(sub, common) -> None:
@@ -99,8 +101,8 @@ def default_formats(site_list, target_bpw: float | None, max_bytes: int | None) 
     if max_bytes is not None:
         params = sum(s.params for s in site_list if not s.keep_default) or 1
         bpw = 8.0 * max_bytes / params
-    if bpw is None:  # a latency budget: the whole range, from int2 to int8
-        return LOW_BPW_FORMATS + ",int6-g128-output-gptq,int8-channel-sym"
+    if bpw is None:
+        return LATENCY_FORMATS
     return LOW_BPW_FORMATS if bpw < LOW_BPW_BELOW else DEFAULT_FORMATS
 
 
