@@ -111,6 +111,22 @@ def time_calls(fns: list[Callable[[], Any]], reps: int = 100, warmup: int = 10, 
     return best
 
 
+def capture_graph(run: Callable[[], Any], warmups: int) -> "torch.cuda.CUDAGraph":
+    """``run`` captured in a CUDA graph on a side stream it first ran on ``warmups`` times eagerly (so
+    what it allocates and keeps per stream, our kernels' split-K workspace say, exists before capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=side):
+        run()
+    return g
+
+
 def time_chain(fns: list[Callable[[], Any]], reps: int = 30, min_calls: int = 12) -> float:
     """Device time per call, in microseconds, of ``fns`` run back to back as a CUDA graph runs them.
 
@@ -121,17 +137,12 @@ def time_chain(fns: list[Callable[[], Any]], reps: int = 30, min_calls: int = 12
     the host leaves, as in a captured decode step; what stays is each launch's own start and tail."""
     n = len(fns)
     calls = max(n, math.ceil(min_calls / n) * n)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+
+    def run():
         for i in range(calls):
             fns[i % n]()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=side):
-        for i in range(calls):
-            fns[i % n]()
+
+    g = capture_graph(run, warmups=1)
     g.replay()
     torch.cuda.synchronize()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
@@ -208,20 +219,19 @@ class _Peers:
         out: dict[str, tuple[list, int, float | None]] = {
             "cublas_bf16": ([lambda wi=wi: F.linear(x, wi) for wi in self.dense], self.n * self.k * 2, None)}
         label = f"{self.k}->{self.n} batch {x.shape[0]}"
+        refs = {f: x.double() @ dequantize(self.q[f], torch.float64).T for f in formats}  # fp64, once per format
         if self.tg is not None:
             try:
-                ref = x.double() @ dequantize(self.q["int4"], torch.float64).T
-                err = _rel_err(torch.ops.aten._weight_int4pack_mm(x, self.tg[0][0], 128, self.tg[0][1]), ref)
+                err = _rel_err(torch.ops.aten._weight_int4pack_mm(x, self.tg[0][0], 128, self.tg[0][1]), refs["int4"])
                 out["tinygemm_int4"] = ([lambda a=a, b=b: torch.ops.aten._weight_int4pack_mm(x, a, 128, b)
                                          for a, b in self.tg], self.q["int4"].nbytes, err)
             except Exception as e:
                 self.tg_error = f"{type(e).__name__}: {e}"[:200]
         for f in formats:
             cps = self.ours[f]
-            ref = x.double() @ dequantize(self.q[f], torch.float64).T
             y = torch.full((x.shape[0], self.n), float("nan"), dtype=torch.bfloat16, device=x.device)
             backend.linear(x, cps[0], out=y)
-            err = _rel_err(y, ref)
+            err = _rel_err(y, refs[f])
             if check and not err < 1e-2:
                 raise CiuicError(f"ciuic_{f} {label}: relative error {err:.3g} against the reference; "
                                  "refusing to time a wrong kernel")
@@ -445,16 +455,7 @@ def _decode_tokens_per_s(model, prompt_len: int, new_tokens: int, graphs: bool, 
         run = step
         if graphs:
             try:
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    for _ in range(2):
-                        step()
-                torch.cuda.current_stream().wait_stream(s)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, stream=s):  # the stream warmed up above: its kernel workspace exists
-                    step()
-                run = g.replay
+                run = capture_graph(step, warmups=2).replay
                 mode = "cuda_graph"
             except Exception as e:  # capture failed: time the eager loop and say why
                 mode = f"eager (graph capture failed: {type(e).__name__}: {str(e)[:160]})"
