@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ciuic_lab.kernels.cuda import CUDA, LIBRARY, build
-from ciuic_lab.measure.bench_cuda import _copies, _rel_err, _tinygemm_pack, copy_bandwidth, time_calls
+from ciuic_lab.measure.bench_cuda import _Peers, _rel_err, copy_bandwidth, time_calls
 from ciuic_lab.quant import QuantSpec, dequantize, quantize
 
 name = sys.argv[1]
@@ -68,13 +68,10 @@ rows = []
 SPLITS = {2: (1, 2, 3, 4, 6, 8, 12), 3: (0, 1, 2, 3, 4, 6, 8, 9, 12), 1: (1, 2, 3, 4, 6, 8),
           **{st: (0, 1, 2, 3, 4) for st in range(4, 8)}}
 for k, n in ((7168, 18432), (18432, 7168)):
-    w = (torch.randn(n, k, device=dev, generator=gen) * 0.02).to(torch.bfloat16)
-    qt = quantize(w, QuantSpec(bits=4, scheme="asym", group=128))
-    p0 = CUDA.prepare(qt, "auto")
-    cps = [p0] + [p0.clone() for _ in range(_copies(p0.nbytes, l2) - 1)]
-    dense = [w] + [w.clone() for _ in range(_copies(n * k * 2, l2) - 1)]
-    tw, tsz = _tinygemm_pack(qt)
-    tg = [(tw, tsz)] + [(tw.clone(), tsz.clone()) for _ in range(_copies(tw.numel(), l2) - 1)]
+    peers = _Peers(CUDA, k, n, ("int4",), l2, gen)  # the benchmark's weight copies (bf16, tinygemm, ours)
+    qt, cps, dense, tg = peers.q["int4"], peers.ours["int4"], peers.dense, peers.tg
+    if tg is None:
+        raise SystemExit(f"torch's int4 kernel is unavailable: {peers.tg_error}")
     for m in batches:
         x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
         row = {"shape": f"{k}->{n}", "batch": m}
@@ -95,7 +92,7 @@ for k, n in ((7168, 18432), (18432, 7168)):
                              "x_cublas": row["cublas_us"] / by[best], "x_tinygemm": row["tinygemm_us"] / by[best],
                              "by_splits": {s: round(v, 1) for s, v in by.items()}}
         rows.append(row)
-    del cps, dense, tg
+    del peers, cps, dense, tg
     torch.cuda.empty_cache()
 out["rows"] = rows
 print("PROBE " + json.dumps(out))

@@ -89,13 +89,14 @@ if has sanitize; then
 fi
 
 if has decode; then
-  timeout $T $PY -c "import json; from ciuic_lab.measure.bench_cuda import bench_decode_cuda as b; print(json.dumps(b(profile=bool('${DECODE_PROFILE:-}')), indent=1))" \
+  # DECODE_RECIPE: a recipe name or JSON (default int4-g128)
+  DECODE_RECIPE=${DECODE_RECIPE:-int4-g128} timeout $T $PY -c "import json, os; from ciuic_lab.measure.bench_cuda import bench_decode_cuda as b; print(json.dumps(b(recipe=os.environ['DECODE_RECIPE'], profile=bool('${DECODE_PROFILE:-}')), indent=1))" \
     > "$OUT/bench_decode.json" 2>> "$ERR"
   note "bench decode: rc=$? $(elapsed)"
   $PY -c "
 import json,sys
 d=json.load(open('$OUT/bench_decode.json'))
-for r in d['rows']: print(f\"  {r['plan']:>10}: {r['tokens_per_s']:8.1f} tok/s  {r['ms_per_token']:7.3f} ms/token  ({r['mode']})\")
+for r in d['rows']: print(f\"  {r['plan'][:60]:>10}: {r['tokens_per_s']:8.1f} tok/s  {r['ms_per_token']:7.3f} ms/token  ({r['mode']})\")
 print('  speedup', round(d['speedup'], 2), 'params', d['params'], 'backends', d['backends'])
 for r in d['rows']:
     for k in r.get('top_kernels', []): print('   ', r['plan'], k)
