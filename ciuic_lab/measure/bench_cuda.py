@@ -334,10 +334,8 @@ def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
     """Least squares ``us = fixed + nbytes / rate`` over (nbytes, us): (fixed in us, rate in GB/s)."""
     if len(points) < 2 or len({p[0] for p in points}) < 2:
         raise ValueError(f"fitting a line needs two or more distinct sizes; got {points}")
-    mx = statistics.fmean(p[0] for p in points)
-    my = statistics.fmean(p[1] for p in points)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-    return my - slope * mx, 1e-3 / slope
+    slope, fixed = statistics.linear_regression([p[0] for p in points], [p[1] for p in points])
+    return fixed, 1e-3 / slope
 
 
 def launch_fit(backend, ks, n: int, copy_gbs: float, l2: int, gen: torch.Generator, reps: int = 100) -> dict:
