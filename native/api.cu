@@ -120,6 +120,28 @@ static cudaError_t dispatch_moe(int fmt, bool bf16, int mode, CIUIC_LAUNCH_ARGS)
   }
 }
 
+// One grouped MoE step: the int4 GEMV in the block shape asked for (gemv-1x3, gemv-1x7; groups of 128
+// or 256 inputs), else wgemm with the launcher's own staging. grid.z: the step's pairs or tokens. Unasked
+// (auto), up to kGemvAutoM tokens take the GEMV in the shapes measured best on an H100 for DeepSeek-V3's
+// experts and the decode benchmark's (native/README.md; 1.35-1.5x faster than wgemm there): down 1 x 7;
+// gate_up 1 x 3 while its blocks fit one wave (4 per multiprocessor), else 1 x 7.
+static int moe_launch(int fmt, bool bf16, int mode, int tokens, const Params &p, dim3 grid, const SplitRequest &rq,
+                      cudaStream_t st) {
+  SplitRequest rg = rq;
+  if (rg.staging == CIUIC_STAGE_AUTO && tokens <= kGemvAutoM) {
+    const bool one_wave = static_cast<int64_t>(p.nt / 2) * grid.z <= 4LL * sm_count();
+    rg.staging = mode == GATEUP && one_wave ? CIUIC_STAGE_GEMV_1X3 : CIUIC_STAGE_GEMV_1X7;
+  }
+  if (fmt == CIUIC_FMT_INT4 && (rg.staging == CIUIC_STAGE_GEMV_1X3 || rg.staging == CIUIC_STAGE_GEMV_1X7)) {
+    bool done = false;
+    const cudaError_t e = launch_gemv_moe_int4(bf16, mode, p, rg, static_cast<int>(grid.z), st, &done);
+    if (done || e != cudaSuccess) return static_cast<int>(e);
+  }
+  SplitRequest r2 = rq;
+  if (r2.staging >= CIUIC_STAGE_GEMV) r2.staging = CIUIC_STAGE_AUTO;
+  return static_cast<int>(dispatch_moe(fmt, bf16, mode, p, grid, r2, st));
+}
+
 static SplitRequest split_request(int requested, int staging, int blocks_xz, int64_t floats_per_split, void *ws,
                                   int64_t ws_bytes, int stage_rows) {
   SplitRequest rq;
@@ -283,8 +305,7 @@ extern "C" int ciuic_moe_gate_up(int fmt, int dtype, const void *x, int tokens, 
   const int gx = (p.nt / 2 + kWarps - 1) / kWarps;
   const SplitRequest rq =
       split_request(splits, staging, gx * pairs, static_cast<int64_t>(pairs) * p.nt * 16, workspace, workspace_bytes, 1);
-  return static_cast<int>(dispatch_moe(fmt, dtype == CIUIC_DT_BF16, GATEUP, p, dim3(gx, 1, pairs), rq,
-                                       reinterpret_cast<cudaStream_t>(stream)));
+  return moe_launch(fmt, dtype == CIUIC_DT_BF16, GATEUP, tokens, p, dim3(gx, 1, pairs), rq, reinterpret_cast<cudaStream_t>(stream));
 }
 
 extern "C" int ciuic_moe_down(int fmt, int dtype, const void *h, int tokens, int top_k, const int64_t *ids,
@@ -315,6 +336,5 @@ extern "C" int ciuic_moe_down(int fmt, int dtype, const void *h, int tokens, int
   const int gx = (p.nt + kWarps - 1) / kWarps;
   const SplitRequest rq =
       split_request(splits, staging, gx * tokens, static_cast<int64_t>(tokens) * p.nt * 16, workspace, workspace_bytes, top_k);
-  return static_cast<int>(dispatch_moe(fmt, dtype == CIUIC_DT_BF16, DOWN, p, dim3(gx, 1, tokens), rq,
-                                       reinterpret_cast<cudaStream_t>(stream)));
+  return moe_launch(fmt, dtype == CIUIC_DT_BF16, DOWN, tokens, p, dim3(gx, 1, tokens), rq, reinterpret_cast<cudaStream_t>(stream));
 }

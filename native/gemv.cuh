@@ -36,6 +36,11 @@ __device__ __forceinline__ int fresh_ctaid_y() {
   asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(v));
   return v;
 }
+__device__ __forceinline__ int fresh_ctaid_z() {
+  int v;
+  asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(v));
+  return v;
+}
 __device__ __forceinline__ int fresh_ctaid_x() {
   int v;
   asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(v));
@@ -59,20 +64,43 @@ constexpr int kGemvAutoM = 4;
 constexpr int kGemvBudget = 24 * 1024;
 constexpr int kGemvMaxBytes = 96 * 1024;
 
+// Weight row tiles of a block of R output row tiles: gate_up reads two per output tile (the gate tile
+// and its up tile), the other modes one.
+__host__ __device__ constexpr int gemv_rows(int r, int mode) { return mode == GATEUP ? 2 * r : r; }
+
+// One slot of the MoE down step: its expert's tiled arrays (NULL codes: an id out of range) and
+// routing weight; 32 bytes, kept in shared memory.
+struct GemvSlot {
+  const uint4 *codes;
+  const uint32_t *scales;
+  const uint16_t *zeros;
+  float rw;
+  int pad;
+};
+
 // GT: tiles per scale group when the group is 2 or 4 tiles (the main loop then runs bodies of DEPTH
 // tiles whose group boundaries are known at compile time); 0: any group (64 inputs, 512 and more, one
-// per row), tile by tile with run-time group boundaries.
-// R x S warps per block: R row tiles, each read by S warps that share its K range (warp w takes row
-// tile R * blockIdx.x + w / S and the (w % S)-th of the block's S consecutive K slices of p.tps tiles);
-// the S partial sums of a row tile meet in shared memory, in slice order. blockIdx.y splits K across
-// blocks on top (workspace and counters).
-template <bool BF16, int GT, int R, int S>
-__global__ void __launch_bounds__(32 * R * S, CIUIC_GEMV_SM_WARPS / (R * S) > 0 ? CIUIC_GEMV_SM_WARPS / (R * S) : 1)
+// per row), tile by tile with run-time group boundaries (plain linears only).
+// R x S: R output row tiles per block, each read by S warps that share its K range (warp w reads weight
+// row tile w / S -- for gate_up, R gate tiles then their R up tiles -- over the (w % S)-th of the block's
+// S consecutive K slices of p.tps tiles); the S partial sums of a tile meet in shared memory, in slice
+// order. blockIdx.y splits K across blocks on top (workspace and counters).
+// MODE: PLAIN (x [m, k], m <= 8); GATEUP (blockIdx.z: one (token, slot) pair, its expert's gate and up
+// tiles, silu(gate) * up in the epilogue); DOWN (blockIdx.z: one token; K runs over its slots, each
+// padded to p.ktp tiles, every group's scale times the slot's routing weight, so the sum over the
+// slots is the sum over K).
+template <bool BF16, int GT, int R, int S, int MODE>
+__global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
+                                  CIUIC_GEMV_SM_WARPS / (gemv_rows(R, MODE) * S) > 0
+                                      ? CIUIC_GEMV_SM_WARPS / (gemv_rows(R, MODE) * S)
+                                      : 1)
     gemv_i4_kernel(const Params p) {
-  constexpr int kThr = 32 * R * S;
+  constexpr int RW = gemv_rows(R, MODE);
+  constexpr int kThr = 32 * RW * S;
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
   constexpr int D = CIUIC_GEMV_DEPTH;
   static_assert(GT == 0 || D % (GT > 0 ? GT : 1) == 0, "a body holds whole groups");
+  static_assert(MODE == PLAIN || GT > 0, "the MoE steps take groups of 2 or 4 tiles");
   constexpr int NG = GT > 0 ? D / GT : 1;  // groups per body
   extern __shared__ __align__(128) unsigned char dsm[];
   __shared__ int s_last;
@@ -81,51 +109,175 @@ __global__ void __launch_bounds__(32 * R * S, CIUIC_GEMV_SM_WARPS / (R * S) > 0 
   const int g = lane >> 2;
   const int split = blockIdx.y;
   const int slice = S > 1 ? warp % S : 0;
-  const int m_rows = p.m;
+  const int m_rows = MODE == PLAIN ? p.m : 1;
+  const int kf = MODE == DOWN ? p.kflat : p.kt;  // tiles along K (down: over all the slots)
   // the block's K range (tiles) starts at split * S * p.tps; this warp's, a multiple of D (the
   // launcher's plan), slice * p.tps further
   const int kt_begin = (split * S + slice) * p.tps;
-  const int kt_end = min(p.kt, kt_begin + p.tps);
+  const int kt_end = min(kf, kt_begin + p.tps);
   const int nkt = S > 1 ? max(0, kt_end - kt_begin) : kt_end - kt_begin;  // S > 1: a slice may be empty
-  const int ntile = blockIdx.x * R + warp / S;
-  const bool live = R == 1 || ntile < p.nt;  // R == 1: one block per row tile
+  int ntile;
+  bool live;
+  if constexpr (MODE == GATEUP) {
+    const int half = p.nt >> 1, wr = warp / S;
+    const int a = blockIdx.x * R + wr % R;
+    ntile = a + (wr >= R ? half : 0);
+    live = a < half;
+  } else {
+    ntile = blockIdx.x * R + warp / S;
+    live = R == 1 || ntile < p.nt;  // R == 1: one block per row tile
+  }
   const int rs = p.wstride;  // bytes per staged x row (a multiple of 128, plus 16)
 
-  // codes: the first D tiles in flight before x is staged
-  const uint4 *cp = p.codes + (static_cast<size_t>(live ? ntile : 0) * p.kt + kt_begin) * 32 + lane;
-  uint4 w[D];
+  // gate_up: the pair's expert and x row (down: per slot, from the slot table). The plain weight's
+  // pointers are read from p where they are used (reading them here costs the plain kernel registers).
+  const uint4 *ecodes = nullptr;
+  const uint32_t *escales = nullptr;
+  const uint16_t *ezeros = nullptr;
+  size_t xoff = 0;
+  GemvSlot *tab = reinterpret_cast<GemvSlot *>(dsm + p.tab_off);
+  if constexpr (MODE == GATEUP) {
+    const int z = blockIdx.z;
+    const int64_t e = __ldg(p.ids + z);
+    const bool ok = e >= 0 && e < p.n_experts;
+    live = live && ok;
+    ecodes = ok ? reinterpret_cast<const uint4 *>(__ldg(p.tab_codes + e)) : nullptr;
+    escales = ok ? reinterpret_cast<const uint32_t *>(__ldg(p.tab_scales + e)) : nullptr;
+    ezeros = (ok && p.tab_zeros) ? reinterpret_cast<const uint16_t *>(__ldg(p.tab_zeros + e)) : nullptr;
+    xoff = static_cast<size_t>(z / p.top_k) * p.k * 2;
+  } else if constexpr (MODE == DOWN) {
+    // x first: its copies are in flight while the slot table is read (which the first codes wait for)
+    {
+      const int blk_begin = S > 1 ? fresh_ctaid_y() * S * p.tps : kt_begin;
+      const int span = S > 1 ? max(0, min(kf, blk_begin + S * p.tps) - blk_begin) * 64 : nkt * 64;
+      const char *xb = static_cast<const char *>(p.x);
+      // one row over the slots' padded ranges: slot j's tiles from row z * top_k + j of h
+      const int z = fresh_ctaid_z();
+      for (int i = tid; i < (span >> 3); i += kThr) {
+        const int f = blk_begin + (i >> 3), j = f / p.ktp;
+        const int kk = (f - j * p.ktp) * 64 + (i & 7) * 8;
+        const size_t src = (static_cast<size_t>(z * p.top_k + j) * p.k + kk) * 2;
+        if (p.xvec) {
+          const bool in = kk < p.k;
+          cp_async16(smem_u32(dsm + i * 16), in ? xb + src : xb, in ? 16 : 0);
+        } else {
 #pragma unroll
-  for (int d = 0; d < D; ++d) w[d] = (live && d < nkt) ? ld_stream(cp + d * 32) : make_uint4(0, 0, 0, 0);
+          for (int c = 0; c < 8; ++c)
+            reinterpret_cast<uint16_t *>(dsm + i * 16)[c] =
+                kk + c < p.k ? reinterpret_cast<const uint16_t *>(xb + src)[c] : static_cast<uint16_t>(0);
+        }
+      }
+      cp_async_commit();
+    }
+    const int z = blockIdx.z;
+    for (int j = tid; j < p.top_k; j += kThr) {
+      const int idx = z * p.top_k + j;
+      const int64_t e = __ldg(p.ids + idx);
+      const bool ok = e >= 0 && e < p.n_experts;
+      GemvSlot sl;
+      sl.codes = ok ? reinterpret_cast<const uint4 *>(__ldg(p.tab_codes + e)) : nullptr;
+      sl.scales = ok ? reinterpret_cast<const uint32_t *>(__ldg(p.tab_scales + e)) : nullptr;
+      sl.zeros = (ok && p.tab_zeros) ? reinterpret_cast<const uint16_t *>(__ldg(p.tab_zeros + e)) : nullptr;
+      sl.rw = ok ? __ldg(p.route_w + idx) : 0.0f;
+      sl.pad = 0;
+      tab[j] = sl;
+    }
+    __syncthreads();
+  }
+
+  // down: (slot, tile within the slot) of the body the codes are loaded for next (c*) and of the one
+  // whose scale pairs are loaded next (s*)
+  int cj = 0, ckk = 0, sj = 0, skk = 0;
+  auto advance = [&](int &j, int &kk) {
+    kk += D;
+    if (kk >= p.ktp) {
+      kk = 0;
+      ++j;
+    }
+  };
+  if constexpr (MODE == DOWN) {
+    cj = kt_begin / p.ktp;
+    ckk = kt_begin - cj * p.ktp;
+    sj = cj;
+    skk = ckk;
+  }
+  const size_t wrow = static_cast<size_t>(live ? ntile : 0) * p.kt;  // the row tile's first tile
+  // down: where the codes of the body at warp tile i (tiles [i, i + D)) are, and how many of its tiles
+  // are inside the slot (0: none to load); the body after it next
+  auto locate_body = [&](int i, const uint4 *&np, int &nv) {
+    nv = 0;
+    np = nullptr;
+    if (live && i < nkt) {  // (past the warp's range cj may be past the table)
+      const uint4 *base = tab[cj].codes;
+      np = base + (wrow + ckk) * 32 + lane;
+      nv = base ? min(D, p.kt - ckk) : 0;
+    }
+    advance(cj, ckk);
+  };
+
+  // codes: the first D tiles in flight before x is staged
+  const uint4 *cp = (MODE == GATEUP ? ecodes : p.codes) + (wrow + kt_begin) * 32 + lane;
+  uint4 w[D];
+  if constexpr (MODE == DOWN) {
+    const uint4 *np;
+    int nv;
+    locate_body(0, np, nv);
+#pragma unroll
+    for (int d = 0; d < D; ++d) w[d] = d < nv ? ld_stream(np + d * 32) : make_uint4(0, 0, 0, 0);
+  } else {
+#pragma unroll
+    for (int d = 0; d < D; ++d) w[d] = (live && d < nkt) ? ld_stream(cp + d * 32) : make_uint4(0, 0, 0, 0);
+  }
 
   const size_t gb = static_cast<size_t>(live ? ntile : 0) * p.n_groups * 8 + g;
-  const uint32_t *sb = static_cast<const uint32_t *>(p.scales) + gb;
-  const uint16_t *zb = p.zeros ? p.zeros + gb : nullptr;
+  const uint32_t *sb = (MODE == GATEUP ? escales : static_cast<const uint32_t *>(p.scales)) + gb;
+  const uint16_t *zb = MODE == GATEUP ? (ezeros ? ezeros + gb : nullptr) : (p.zeros ? p.zeros + gb : nullptr);
   static_assert(NG <= 2, "zero pairs of a body are packed in one word");
   // scale pairs of the groups of the body starting at tile i0, and their zero pairs packed in one
-  // word (group j in bits 16j..16j+15)
-  auto load_groups = [&](int i0, uint32_t (&sg)[NG], uint32_t &zg) {
+  // word (group j in bits 16j..16j+15); down: of the body at (sj, skk), whose routing weight goes to rw
+  auto load_groups = [&](int i0, uint32_t (&sg)[NG], uint32_t &zg, float &rw) {
     zg = 0;
+    const uint32_t *sp = sb;
+    const uint16_t *zp = zb;
+    int g0 = (kt_begin + i0) / (GT > 0 ? GT : 1);
+    bool have = live;
+    if constexpr (MODE == DOWN) {
+      have = false;
+      if (live && i0 < nkt) {  // (past the warp's range sj may be past the table)
+        const GemvSlot &sl = tab[sj];
+        have = sl.scales != nullptr;
+        sp = sl.scales + gb;
+        zp = sl.zeros ? sl.zeros + gb : nullptr;
+        rw = sl.rw;
+      }
+      g0 = skk / GT;
+      advance(sj, skk);
+    }
 #pragma unroll
     for (int j = 0; j < NG; ++j) {
-      const int gi = (kt_begin + i0) / (GT > 0 ? GT : 1) + j;
-      const bool ok = live && gi < p.n_groups;
-      sg[j] = ok ? __ldg(sb + gi * 8) : 0u;
-      zg |= ((ok && zb) ? static_cast<uint32_t>(__ldg(zb + gi * 8)) : p.zconst) << (16 * j);
+      const int gi = g0 + j;
+      const bool ok = have && gi < p.n_groups;
+      sg[j] = ok ? __ldg(sp + gi * 8) : 0u;
+      zg |= ((ok && zp) ? static_cast<uint32_t>(__ldg(zp + gi * 8)) : p.zconst) << (16 * j);
     }
   };
   uint32_t sc[NG], sn[NG], zc = 0, zn = 0;
+  float rwc = 1.0f, rwn = 1.0f;
   if constexpr (GT > 0) {
-    load_groups(0, sc, zc);
-    load_groups(D, sn, zn);
+    load_groups(0, sc, zc, rwc);
+    load_groups(D, sn, zn, rwn);
   }
 
-  // x rows [m][blk_begin * 64, blk_end * 64), row-major, zeros past k
+  // x rows [m][blk_begin * 64, blk_end * 64), row-major, zeros past k (down: one row over the slots'
+  // padded ranges, slot j's tiles from row z * top_k + j of h)
   {
     const int blk_begin = S > 1 ? fresh_ctaid_y() * S * p.tps : kt_begin;
-    const int span = S > 1 ? max(0, min(p.kt, blk_begin + S * p.tps) - blk_begin) * 64 : nkt * 64;
-    if (p.xvec) {
+    const int span = S > 1 ? max(0, min(kf, blk_begin + S * p.tps) - blk_begin) * 64 : nkt * 64;
+    if constexpr (MODE == DOWN) {
+      cp_async_wait<0>();  // (issued before the slot table was read)
+    } else if (p.xvec) {
       const int vpr = span >> 3;
-      const char *xb = static_cast<const char *>(p.x);
+      const char *xb = static_cast<const char *>(p.x) + xoff;
       for (int i = tid; i < m_rows * vpr; i += kThr) {
         const int row = i / vpr, cv = i - row * vpr;
         const int kk = blk_begin * 64 + cv * 8;
@@ -136,7 +288,7 @@ __global__ void __launch_bounds__(32 * R * S, CIUIC_GEMV_SM_WARPS / (R * S) > 0 
       cp_async_commit();
       cp_async_wait<0>();
     } else {
-      const uint16_t *xh = static_cast<const uint16_t *>(p.x);
+      const uint16_t *xh = reinterpret_cast<const uint16_t *>(static_cast<const char *>(p.x) + xoff);
       for (int i = tid; i < m_rows * span; i += kThr) {
         const int row = i / span, kk = i - row * span;
         const int kg = blk_begin * 64 + kk;
@@ -155,9 +307,13 @@ __global__ void __launch_bounds__(32 * R * S, CIUIC_GEMV_SM_WARPS / (R * S) > 0 
   // min(r, m - 1)
   const uint32_t xaddr = smem_u32(dsm) + min(lane & 7, m_rows - 1) * rs + (lane >> 3) * 16 + slice * p.tps * 128;
 
-  // end of a group: its sums times its scale pair into the totals
+  // end of a group: its sums times its scale pair (down: and the slot's routing weight) into the totals
   auto scale_into = [&](uint32_t s2) {
-    const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&s2));
+    float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&s2));
+    if constexpr (MODE == DOWN) {
+      f.x *= rwc;
+      f.y *= rwc;
+    }
     tot[0] = fmaf(acc[0], f.x, tot[0]);
     tot[1] = fmaf(acc[1], f.x, tot[1]);
     tot[2] = fmaf(acc[2], f.y, tot[2]);
@@ -184,36 +340,54 @@ __global__ void __launch_bounds__(32 * R * S, CIUIC_GEMV_SM_WARPS / (R * S) > 0 
     const int nfull = live ? nkt / D * D : 0;
     for (int i = 0; i < nfull; i += D) {
       uint32_t zlo = 0, zhi = 0;
+      if constexpr (MODE == DOWN) {
+        // the next body's codes may come from another slot: located once, loaded tile by tile as here
+        // each tile's codes leave their registers
+        const uint4 *np;
+        int nv;
+        locate_body(i + D, np, nv);
 #pragma unroll
-      for (int d = 0; d < D; ++d) {
+        for (int d = 0; d < D; ++d) {
+          const uint4 cur = w[d];
+          if (d < nv) w[d] = ld_stream(np + d * 32);
+          if (d % GT == 0) zero_words<CIUIC_FMT_INT4, BF16>(zc >> (16 * (d / GT)), zlo, zhi);
+          tile(cur, i + d, zlo, zhi);
+          if ((d + 1) % GT == 0) scale_into(sc[d / GT]);
+        }
+      } else {
+#pragma unroll
+        for (int d = 0; d < D; ++d) {
 #if CIUIC_PROBE == 2
-        const uint32_t h = (lane * 0x9E3779B9u) ^ static_cast<uint32_t>((i + d) * 0x85EBCA6Bu);
-        const uint4 cur = make_uint4(h, h >> 3, h ^ 0x5A5A5A5Au, h + 0x01010101u);
+          const uint32_t h = (lane * 0x9E3779B9u) ^ static_cast<uint32_t>((i + d) * 0x85EBCA6Bu);
+          const uint4 cur = make_uint4(h, h >> 3, h ^ 0x5A5A5A5Au, h + 0x01010101u);
 #else
-        const uint4 cur = w[d];
-        if (i + d + D < nkt) w[d] = ld_stream(cp + (d + D) * 32);
+          const uint4 cur = w[d];
+          if (i + d + D < nkt) w[d] = ld_stream(cp + (d + D) * 32);
 #endif
 #if CIUIC_PROBE == 1
-        sink ^= cur.x ^ cur.y ^ cur.z ^ cur.w;
-        continue;
+          sink ^= cur.x ^ cur.y ^ cur.z ^ cur.w;
+          continue;
 #endif
-        if (d % GT == 0) zero_words<CIUIC_FMT_INT4, BF16>(zc >> (16 * (d / GT)), zlo, zhi);
-        tile(cur, i + d, zlo, zhi);
-        if ((d + 1) % GT == 0) scale_into(sc[d / GT]);
+          if (d % GT == 0) zero_words<CIUIC_FMT_INT4, BF16>(zc >> (16 * (d / GT)), zlo, zhi);
+          tile(cur, i + d, zlo, zhi);
+          if ((d + 1) % GT == 0) scale_into(sc[d / GT]);
+        }
+        cp += D * 32;
       }
-      cp += D * 32;
 #pragma unroll
       for (int j = 0; j < NG; ++j) sc[j] = sn[j];
       zc = zn;
-      if (i + 2 * D < nkt) load_groups(i + 2 * D, sn, zn);
+      rwc = rwn;
+      if (i + 2 * D < nkt) load_groups(i + 2 * D, sn, zn, rwn);
     }
     i0 = nfull;
     cp -= nfull * 32;
   }
 
   // run-time path: tiles [i0, nkt) one at a time (every tile for GT == 0, the last split's tail for
-  // GT > 0, which starts on a group boundary); scale and zero pairs one group ahead
-  if (live && i0 < nkt) {
+  // GT > 0, which starts on a group boundary; never for down, whose ranges are whole bodies); scale and
+  // zero pairs one group ahead
+  if (MODE != DOWN && live && i0 < nkt) {
     const uint32_t gshift = static_cast<uint32_t>(p.gshift), gmask = (1u << gshift) - 1u;
     int gnext = ((kt_begin + i0) >> gshift) + 1;
     uint32_t s_cur, s_nxt = 0, z_nxt = p.zconst, zlo, zhi;
@@ -266,11 +440,17 @@ __global__ void __launch_bounds__(32 * R * S, CIUIC_GEMV_SM_WARPS / (R * S) > 0 
   const int e_tid = fresh_tid(), e_lane = e_tid & 31, e_warp = e_tid >> 5;
   const int e_g = e_lane >> 2, e_t4 = e_lane & 3;
   const int e_slice = S > 1 ? e_warp % S : 0;
-  const int e_tile = fresh_ctaid_x() * R + e_warp / S;
-  const bool e_live = e_tile < p.nt;
+  const int e_wr = e_warp / S;
+  const int e_z = MODE == PLAIN ? 0 : fresh_ctaid_z();
+  const int e_nz = MODE == PLAIN ? 1 : static_cast<int>(gridDim.z);
+  // output row tile: gate_up, the gate tile (the up tile is e_tile + nt / 2)
+  const int e_tile = fresh_ctaid_x() * R + (MODE == GATEUP ? e_wr % R : e_wr);
+  const bool e_live = MODE == GATEUP ? e_tile < (p.nt >> 1) : e_tile < p.nt;
   // the S slices of a row tile: their sums meet in shared memory (x is no longer read), added in
-  // slice order by the tile's first warp, which alone goes on
-  if constexpr (S > 1) {
+  // slice order by the tile's first warp, which alone goes on; gate_up: the gate tile's first warp
+  // adds its up tile's slices too
+  float up[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if constexpr (S > 1 || MODE == GATEUP) {
     float4 *red = reinterpret_cast<float4 *>(dsm);
     __syncthreads();
     red[e_warp * 32 + e_lane] = make_float4(tot[0], tot[1], tot[2], tot[3]);
@@ -284,21 +464,38 @@ __global__ void __launch_bounds__(32 * R * S, CIUIC_GEMV_SM_WARPS / (R * S) > 0 
         tot[2] += v.z;
         tot[3] += v.w;
       }
+      if constexpr (MODE == GATEUP) {
+        if (e_wr < R) {
+#pragma unroll
+          for (int j = 0; j < S; ++j) {
+            const float4 v = red[(e_warp + R * S + j) * 32 + e_lane];
+            up[0] += v.x;
+            up[1] += v.y;
+            up[2] += v.z;
+            up[3] += v.w;
+          }
+        }
+      }
     }
   }
-  const bool lead = e_slice == 0;
+  const bool lead = e_slice == 0 && (MODE != GATEUP || e_wr < R);
   // ---- epilogue: lane (g, t) holds rows g, g + 8 of its tile for batch rows 2t, 2t + 1
   T *yo = static_cast<T *>(p.y);
   const T *bias = static_cast<const T *>(p.bias);
+  const int inter = p.n >> 1;  // gate_up: rows of h
   if (gridDim.y == 1) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int row = e_tile * 16 + e_g + 8 * (e >> 1);
       const int m = 2 * e_t4 + (e & 1);
-      if (lead && e_live && row < p.n && m < m_rows) {
-        float v = tot[e];
-        if (bias) v += to_f<T>(bias[row]);
-        yo[static_cast<size_t>(m) * p.n + row] = from_f<T>(v);
+      if constexpr (MODE == GATEUP) {
+        if (lead && e_live && m == 0) yo[static_cast<size_t>(e_z) * inter + row] = from_f<T>(silu(tot[e]) * up[e]);
+      } else {
+        if (lead && e_live && row < p.n && m < m_rows) {
+          float v = tot[e];
+          if (bias) v += to_f<T>(bias[row]);
+          yo[static_cast<size_t>(e_z + m) * p.n + row] = from_f<T>(v);
+        }
       }
     }
     return;
@@ -307,39 +504,112 @@ __global__ void __launch_bounds__(32 * R * S, CIUIC_GEMV_SM_WARPS / (R * S) > 0 
   // split-K: this split's partial sums, then the last block of the row range adds them up
   const int npad = p.nt * 16;
   const size_t zstride = static_cast<size_t>(m_rows) * npad;
-  float *part = p.ws + static_cast<size_t>(blockIdx.y) * zstride;
+  float *part = p.ws + (static_cast<size_t>(blockIdx.y) * e_nz + e_z) * zstride;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int row = e_tile * 16 + e_g + 8 * (e >> 1);
     const int m = 2 * e_t4 + (e & 1);
-    if (lead && e_live && m < m_rows) part[static_cast<size_t>(m) * npad + row] = tot[e];
+    if (lead && e_live && m < m_rows) {
+      part[static_cast<size_t>(m) * npad + row] = tot[e];
+      if constexpr (MODE == GATEUP) part[row + inter] = up[e];
+    }
   }
   __threadfence();
   __syncthreads();
-  int *counter = p.counters + blockIdx.x;
+  int *counter = p.counters + static_cast<size_t>(e_z) * gridDim.x + blockIdx.x;
   if (e_tid == 0) s_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.y) - 1);
   __syncthreads();
   if (!s_last) return;
   __threadfence();
   constexpr int NR = R * 16;
   const int r0 = blockIdx.x * NR;
+  const size_t sstride = static_cast<size_t>(e_nz) * zstride;
+  const float *base = p.ws + static_cast<size_t>(e_z) * zstride;
   for (int i = e_tid; i < m_rows * NR; i += kThr) {
     const int m = i / NR, row = r0 + (i - m * NR);
-    if (row >= p.n) continue;
-    float v = sum_splits(p.ws + static_cast<size_t>(m) * npad + row, gridDim.y, zstride);
-    if (bias) v += to_f<T>(bias[row]);
-    yo[static_cast<size_t>(m) * p.n + row] = from_f<T>(v);
+    if constexpr (MODE == GATEUP) {
+      if (row >= inter) continue;
+      const float gs = sum_splits(base + row, gridDim.y, sstride);
+      const float us = sum_splits(base + row + inter, gridDim.y, sstride);
+      yo[static_cast<size_t>(e_z) * inter + row] = from_f<T>(silu(gs) * us);
+    } else {
+      if (row >= p.n) continue;
+      float v = sum_splits(base + static_cast<size_t>(m) * npad + row, gridDim.y, sstride);
+      if (bias) v += to_f<T>(bias[row]);
+      yo[static_cast<size_t>(e_z + m) * p.n + row] = from_f<T>(v);
+    }
   }
   if (e_tid == 0) *counter = 0;
+}
+
+// Blocks of R output row tiles, each read by S warps, K split across blocks on top
+// (CIUIC_STAGE_GEMV_<R>X<S>): the launcher of every mode. gz: blocks along z (the MoE steps' pairs or
+// tokens; 1 for a plain linear). Splits across blocks: as requested, else the most that keep every
+// block in one wave, raised until x fits kGemvMaxBytes. *launched is false (nothing launched) when x
+// cannot fit because there is no workspace to split K with; the caller then takes wgemm.
+template <bool BF16, int GT, int R, int S, int MODE>
+cudaError_t launch_gemv_slices(Params p, const SplitRequest &rq, int gz, cudaStream_t stream, bool *launched) {
+  constexpr int D = CIUIC_GEMV_DEPTH, RW = gemv_rows(R, MODE), threads = 32 * RW * S;
+  *launched = false;
+  auto kernel = gemv_i4_kernel<BF16, GT, R, S, MODE>;
+  // resident blocks per multiprocessor as the registers allow, once per instantiation
+  static const int occ_regs = resident_blocks(kernel, threads, kGemvMaxBytes, 0, 1);
+  const int sms = sm_count(), smem_sm = sm_shared_bytes();
+  const int rows = MODE == PLAIN ? p.m : 1;
+  const int gx = ((MODE == GATEUP ? p.nt / 2 : p.nt) + R - 1) / R;
+  const int64_t blocks_xz = static_cast<int64_t>(gx) * gz;
+  // tiles along K: the down step runs over its slots, each padded to whole bodies
+  int kf = p.kt;
+  if constexpr (MODE == DOWN) {
+    p.ktp = (p.kt + D - 1) / D * D;
+    p.kflat = p.top_k * p.ktp;
+    kf = p.kflat;
+  }
+  const int table = MODE == DOWN ? p.top_k * static_cast<int>(sizeof(GemvSlot)) : 0;
+  // with y blocks along K: tiles per warp (a multiple of D), shared memory per block, blocks per SM
+  auto tps_of = [&](int y) { return ((kf + y * S - 1) / (y * S) + D - 1) / D * D; };
+  auto smem_of = [&](int y) {
+    const int x = rows * (S * tps_of(y) * 128 + 16) + table;
+    return x > RW * S * 32 * 16 ? x : RW * S * 32 * 16;
+  };
+  auto occ_of = [&](int y) {
+    const int by_smem = smem_sm / (smem_of(y) + 1024);
+    return by_smem < occ_regs ? by_smem : occ_regs;
+  };
+  // at most one split per D * S tiles; the partial sums must fit the workspace
+  int ymax = kf / (D * S);
+  if (ymax < 1) ymax = 1;
+  const int by_ws = workspace_splits(rq, static_cast<int>(blocks_xz));
+  if (ymax > by_ws) ymax = by_ws;
+  int y = rq.requested > 0 ? rq.requested : 1;
+  if (rq.requested <= 0)  // the most blocks along K that keep every block in one wave
+    while (y < ymax && blocks_xz * (y + 1) <= static_cast<int64_t>(occ_of(y + 1)) * sms) ++y;
+  while (smem_of(y) > kGemvMaxBytes && y < ymax) ++y;  // x must fit
+  if (y > ymax) y = ymax;
+  if (smem_of(y) > kGemvMaxBytes) return cudaSuccess;  // not launched: the caller takes wgemm
+  p.tps = tps_of(y);
+  y = (kf + S * p.tps - 1) / (S * p.tps);  // blocks along K that have tiles
+  p.wstride = S * p.tps * 128 + 16;
+  p.tab_off = rows * p.wstride;
+  dim3 grid(gx, y, gz);
+  kernel<<<grid, threads, smem_of(y), stream>>>(p);
+  *launched = true;
+  return cudaGetLastError();
 }
 
 // Launch the GEMV for one launch of m <= 8 rows (int4, plain linear), in the block shape rq.staging
 // names: CIUIC_STAGE_GEMV, 4 row tiles of one K range per block (splits: as requested, raised until
 // the staged x fits kGemvMaxBytes, else the most that fit one wave of resident blocks, raised until x
-// fits kGemvBudget); CIUIC_STAGE_GEMV_<R>X<S>, R row tiles per block, each read by S warps (splits
-// across blocks: as requested, else the most that keep every block in one wave, raised until x fits
-// kGemvMaxBytes). *launched is false (and nothing is launched) when x cannot fit because there is no
-// workspace to split K with; the caller then takes wgemm.
+// fits kGemvBudget); CIUIC_STAGE_GEMV_<R>X<S>, launch_gemv_slices. *launched is false (and nothing is
+// launched) when x cannot fit because there is no workspace to split K with; the caller then takes
+// wgemm.
 cudaError_t launch_gemv_int4(bool bf16, Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched);
+
+// The same for one of the grouped MoE steps (mode GATEUP or DOWN; p as the step's entry point fills it,
+// gz its blocks along z: (token, slot) pairs for gate_up, tokens for down), in the block shapes
+// CIUIC_STAGE_GEMV_1X3 and CIUIC_STAGE_GEMV_1X7 (for gate_up an output row tile is a gate tile and
+// its up tile: 2 x S warps), for groups of 128 or 256 inputs. Anything else: *launched is false.
+cudaError_t launch_gemv_moe_int4(bool bf16, int mode, Params p, const SplitRequest &rq, int gz, cudaStream_t stream,
+                                 bool *launched);
 
 }  // namespace ciuic

@@ -1,4 +1,4 @@
-// The int4 GEMV for batches of 1 to 8 rows (gemv.cuh) and its launchers.
+// The int4 GEMV for batches of 1 to 8 rows (gemv.cuh): the plain linear's launchers.
 #include "gemv.cuh"
 
 namespace ciuic {
@@ -8,7 +8,7 @@ template <bool BF16, int GT>
 static cudaError_t launch_gemv_rows(Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched) {
   constexpr int D = CIUIC_GEMV_DEPTH;
   *launched = false;
-  auto kernel = gemv_i4_kernel<BF16, GT, kGemvWarps, 1>;
+  auto kernel = gemv_i4_kernel<BF16, GT, kGemvWarps, 1, PLAIN>;
   // resident blocks per multiprocessor at the default budget, once per instantiation
   static const int occ = resident_blocks(kernel, kGemvThreads, kGemvMaxBytes, kGemvBudget, 4);
   // tiles per split (a multiple of D) whose staged x fits `bytes`
@@ -35,54 +35,13 @@ static cudaError_t launch_gemv_rows(Params p, const SplitRequest &rq, cudaStream
   return cudaGetLastError();
 }
 
-// Blocks of R row tiles, each read by S warps, K split across blocks on top (CIUIC_STAGE_GEMV_<R>X<S>).
-template <bool BF16, int GT, int R, int S>
-static cudaError_t launch_gemv_slices(Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched) {
-  constexpr int D = CIUIC_GEMV_DEPTH, threads = 32 * R * S;
-  *launched = false;
-  auto kernel = gemv_i4_kernel<BF16, GT, R, S>;
-  // resident blocks per multiprocessor as the registers allow, once per instantiation
-  static const int occ_regs = resident_blocks(kernel, threads, kGemvMaxBytes, 0, 1);
-  const int sms = sm_count(), smem_sm = sm_shared_bytes();
-  const int rows = p.m;
-  const int gx = (p.nt + R - 1) / R;
-  // with y blocks along K: tiles per warp (a multiple of D), shared memory per block, blocks per SM
-  auto tps_of = [&](int y) { return ((p.kt + y * S - 1) / (y * S) + D - 1) / D * D; };
-  auto smem_of = [&](int y) {
-    const int x = rows * (S * tps_of(y) * 128 + 16);
-    return x > R * S * 32 * 16 ? x : R * S * 32 * 16;
-  };
-  auto occ_of = [&](int y) {
-    const int by_smem = smem_sm / (smem_of(y) + 1024);
-    return by_smem < occ_regs ? by_smem : occ_regs;
-  };
-  // at most one split per D * S tiles; the partial sums must fit the workspace
-  int ymax = p.kt / (D * S);
-  if (ymax < 1) ymax = 1;
-  const int by_ws = workspace_splits(rq, gx);
-  if (ymax > by_ws) ymax = by_ws;
-  int y = rq.requested > 0 ? rq.requested : 1;
-  if (rq.requested <= 0)  // the most blocks along K that keep every block in one wave
-    while (y < ymax && static_cast<int64_t>(gx) * (y + 1) <= static_cast<int64_t>(occ_of(y + 1)) * sms) ++y;
-  while (smem_of(y) > kGemvMaxBytes && y < ymax) ++y;  // x must fit
-  if (y > ymax) y = ymax;
-  if (smem_of(y) > kGemvMaxBytes) return cudaSuccess;  // not launched: the caller takes wgemm
-  p.tps = tps_of(y);
-  y = (p.kt + S * p.tps - 1) / (S * p.tps);  // blocks along K that have tiles
-  p.wstride = S * p.tps * 128 + 16;
-  dim3 grid(gx, y, 1);
-  kernel<<<grid, threads, smem_of(y), stream>>>(p);
-  *launched = true;
-  return cudaGetLastError();
-}
-
 template <bool BF16, int GT>
 static cudaError_t launch_gemv(Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched) {
   switch (rq.staging) {
-    case CIUIC_STAGE_GEMV_1X3: return launch_gemv_slices<BF16, GT, 1, 3>(p, rq, stream, launched);
-    case CIUIC_STAGE_GEMV_1X7: return launch_gemv_slices<BF16, GT, 1, 7>(p, rq, stream, launched);
-    case CIUIC_STAGE_GEMV_3X3: return launch_gemv_slices<BF16, GT, 3, 3>(p, rq, stream, launched);
-    case CIUIC_STAGE_GEMV_2X7: return launch_gemv_slices<BF16, GT, 2, 7>(p, rq, stream, launched);
+    case CIUIC_STAGE_GEMV_1X3: return launch_gemv_slices<BF16, GT, 1, 3, PLAIN>(p, rq, 1, stream, launched);
+    case CIUIC_STAGE_GEMV_1X7: return launch_gemv_slices<BF16, GT, 1, 7, PLAIN>(p, rq, 1, stream, launched);
+    case CIUIC_STAGE_GEMV_3X3: return launch_gemv_slices<BF16, GT, 3, 3, PLAIN>(p, rq, 1, stream, launched);
+    case CIUIC_STAGE_GEMV_2X7: return launch_gemv_slices<BF16, GT, 2, 7, PLAIN>(p, rq, 1, stream, launched);
     default: return launch_gemv_rows<BF16, GT>(p, rq, stream, launched);
   }
 }

@@ -68,6 +68,9 @@ struct Params {
   const unsigned long long *tab_codes;
   const unsigned long long *tab_scales;
   const unsigned long long *tab_zeros;
+  // MoE down step on the GEMV: K runs over the slots, each padded to ktp tiles (kflat = top_k * ktp);
+  // the slots' expert pointers and routing weights sit in shared memory at byte tab_off
+  int ktp, kflat, tab_off;
 };
 
 // Tiles per chunk (the unit of the register prefetch and of x staging): 8 16-byte loads per lane.

@@ -32,6 +32,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +50,7 @@ except ImportError:  # pragma: no cover - exercised by a test that hides cffi
     cffi = None
 
 HEADER = "ciuic_kernels.h"
-SOURCES = ("api.cu", "repack.cu", "wgemm_int4.cu", "wgemm_int8.cu", "wgemm_fp8.cu", "gemv_int4.cu", "route.cu")
+SOURCES = ("api.cu", "repack.cu", "wgemm_int4.cu", "wgemm_int8.cu", "wgemm_fp8.cu", "gemv_int4.cu", "gemv_moe.cu", "route.cu")
 INCLUDES = (HEADER, "wgemm.cuh", "gemv.cuh")
 # machine code for these (plus PTX of the last); CIUIC_CUDA_ARCHS="90" builds for one GPU only, faster
 ARCHS = tuple(os.environ.get("CIUIC_CUDA_ARCHS", "80 90").split()) or ("80", "90")
@@ -68,6 +69,9 @@ STAGE_AUTO, STAGE_WHOLE, STAGE_CHUNK, STAGE_GEMV = 0, 1, 2, 3
 STAGE_GEMV_RS = {(1, 3): 4, (1, 7): 5, (3, 3): 6, (2, 7): 7}
 STAGE_NAMES = ("auto", "whole", "chunk", "gemv", "gemv-1x3", "gemv-1x7", "gemv-3x3", "gemv-2x7")
 GEMV_STAGINGS = (STAGE_GEMV, *STAGE_GEMV_RS.values())
+# the block shapes the grouped MoE steps take on the GEMV (int4, groups of 128 or 256 inputs; for gate_up
+# an output row tile is a gate tile and its up tile)
+MOE_GEMV_STAGINGS = (STAGE_GEMV_RS[(1, 3)], STAGE_GEMV_RS[(1, 7)])
 TUNE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)   # split-K counts tried per launch shape (with each staging)
 TUNE_BLOCK_SPLITS = (1, 2, 3, 4)          # splits across blocks tried for the gemv-<R>x<S> stagings
 
@@ -531,6 +535,21 @@ class CudaBackend:
         launches (all selected gate_up projections, then all down projections with the weighted sum).
         NotImplemented when an expert is not quantized, the experts differ in format or shape, or the
         batch is large (the caller then runs experts one by one, each on all its tokens)."""
+        steps = self.moe_steps(x, top_k_index, top_k_weights, gate_up, down)
+        if steps is NotImplemented:
+            return NotImplemented
+        ffi, lib = LIBRARY.get()
+        with _on(x.device):
+            for name, launch, key, cands, what in steps.launches:
+                rc = launch(*self._choice(key, launch, x.device, cands))
+                self._check(lib, rc, what)
+        return steps.y if steps.orig in DT else steps.y.to(steps.orig)
+
+    def moe_steps(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                  gate_up: list, down: list) -> Any:
+        """The two launches of :meth:`moe`, not yet run: ``launches`` is ``[(name, launch(splits,
+        staging) -> rc, tuner key, candidate stagings, what), ...]`` for gate_up then down (run in that
+        order, on the current stream), ``y`` the output they write. NotImplemented as for :meth:`moe`."""
         if not gate_up or any(p is None for p in gate_up) or any(p is None for p in down):
             return NotImplemented
         if x.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape[0] != x.shape[0]:
@@ -561,26 +580,32 @@ class CudaBackend:
         with _on(x.device):
             st = torch.cuda.current_stream(x.device)
             ws = self._workspace(x.device, st)
-            wsp, wsb = _ptr(ffi, ws), (0 if ws is None else ws.numel())
-            sp = ffi.cast("ciuic_stream_t", st.cuda_stream)
-            def gate_up(splits: int, staging: int) -> int:
-                return lib.ciuic_moe_gate_up(g0.fmt, DT[x.dtype], _ptr(ffi, x), tokens, top_k,
-                                             _ptr(ffi, ids, "int64_t *"), n_exp, *tabs[0], hidden, inter, g0.group,
-                                             g0.n_groups, _ptr(ffi, h), wsp, wsb, splits, staging, sp)
+        wsp, wsb = _ptr(ffi, ws), (0 if ws is None else ws.numel())
+        sp = ffi.cast("ciuic_stream_t", st.cuda_stream)
 
-            def down(splits: int, staging: int) -> int:
-                return lib.ciuic_moe_down(d0.fmt, DT[x.dtype], _ptr(ffi, h), tokens, top_k,
-                                          _ptr(ffi, ids, "int64_t *"), _ptr(ffi, wts, "float *"), n_exp, *tabs[1],
-                                          inter, hidden, d0.group, d0.n_groups, _ptr(ffi, y), wsp, wsb, splits,
-                                          staging, sp)
+        def gate_up_launch(splits: int, staging: int) -> int:
+            return lib.ciuic_moe_gate_up(g0.fmt, DT[x.dtype], _ptr(ffi, x), tokens, top_k,
+                                         _ptr(ffi, ids, "int64_t *"), n_exp, *tabs[0], hidden, inter, g0.group,
+                                         g0.n_groups, _ptr(ffi, h), wsp, wsb, splits, staging, sp)
 
-            shape = (x.device.index, g0.fmt, DT[x.dtype], hidden, inter, g0.group, g0.zeros is None,
-                     _m_bucket(tokens), top_k)
-            rc = gate_up(*self._choice(("moe_gate_up",) + shape, gate_up, x.device))
-            self._check(lib, rc, f"ciuic_moe_gate_up ({g0.label()}, {tokens} tokens x {top_k})")
-            rc = down(*self._choice(("moe_down",) + shape, down, x.device))
-            self._check(lib, rc, f"ciuic_moe_down ({d0.label()}, {tokens} tokens x {top_k})")
-        return y if orig in DT else y.to(orig)
+        def down_launch(splits: int, staging: int) -> int:
+            return lib.ciuic_moe_down(d0.fmt, DT[x.dtype], _ptr(ffi, h), tokens, top_k,
+                                      _ptr(ffi, ids, "int64_t *"), _ptr(ffi, wts, "float *"), n_exp, *tabs[1],
+                                      inter, hidden, d0.group, d0.n_groups, _ptr(ffi, y), wsp, wsb, splits,
+                                      staging, sp)
+
+        shape = (x.device.index, g0.fmt, DT[x.dtype], hidden, inter, g0.group, g0.zeros is None,
+                 _m_bucket(tokens), top_k)
+        # int4 in groups of 128 or 256 inputs: the GEMV's MoE modes are candidates too
+        cands = (STAGE_CHUNK, STAGE_WHOLE, *MOE_GEMV_STAGINGS) \
+            if g0.fmt == FMT_INT4 and g0.group in (128, 256) and d0.group in (128, 256) else None
+        launches = [
+            ("gate_up", gate_up_launch, ("moe_gate_up",) + shape, cands,
+             f"ciuic_moe_gate_up ({g0.label()}, {tokens} tokens x {top_k})"),
+            ("down", down_launch, ("moe_down",) + shape, cands,
+             f"ciuic_moe_down ({d0.label()}, {tokens} tokens x {top_k})"),
+        ]
+        return types.SimpleNamespace(launches=launches, y=y, h=h, orig=orig, keep=(x, ids, wts))
 
     def route(self, logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, norm: bool, scale: float,
               extra: int = -1) -> tuple[torch.Tensor, torch.Tensor]:

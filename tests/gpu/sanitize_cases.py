@@ -27,6 +27,7 @@ SPECS = [
 
 PLANS = ((0, 0), (2, 2), (0, 1), (3, 1))  # (splits, staging): launcher's own, chunked, whole
 GEMV_PLANS = ((0, 3), (3, 3), (0, 4), (2, 5), (0, 6), (2, 7))  # int4 only: the GEMV (batches of 1 to 8 rows)
+MOE_GEMV_PLANS = ((0, 4), (3, 4), (0, 5), (2, 5))  # int4 only: the MoE steps on the GEMV (g128; channel falls back)
 
 
 def rel(y, ref):
@@ -59,12 +60,12 @@ def main(quick: bool) -> int:
                             print(f"MISMATCH {spec.label()} N={n} K={k} M={m} {dtype} splits={splits} "
                                   f"staging={staging}: {e:.3g}")
             CUDA.splits, CUDA.staging = 0, 0
-        # MoE, both launches
-        hidden, inter, n_exp = 256, 48, 4
+        # MoE, both launches (an intermediate size of 6 tiles: the down step's slots are padded to 8)
+        hidden, inter, n_exp = 256, 336, 4
         gq = [quantize(torch.randn(2 * inter, hidden, device=dev) * 0.05, spec) for _ in range(n_exp)]
         dq = [quantize(torch.randn(hidden, inter, device=dev) * 0.05, spec) for _ in range(n_exp)]
         gu, dn = [CUDA.prepare(q) for q in gq], [CUDA.prepare(q) for q in dq]
-        for splits, staging in PLANS:
+        for splits, staging in PLANS + (MOE_GEMV_PLANS if spec.bits == 4 and not spec.is_fp8 else ()):
             CUDA.splits, CUDA.staging = splits, staging
             for dtype in dtypes:
                 x = torch.randn(2, hidden, device=dev).to(dtype)

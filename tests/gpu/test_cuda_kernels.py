@@ -324,6 +324,71 @@ def test_moe_grouped(name, dtype):
         CUDA.splits, CUDA.staging = 0, 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["int4-asym-g128", "int4-asym-g256", "int4-sym-g128"])
+def test_moe_on_the_gemv_every_shape_and_split(name, dtype):
+    """The grouped MoE steps on the int4 GEMV (gemv-1x3, gemv-1x7; gate and up tiles paired in a block,
+    the down step's slots as one K range): against the float64 reference on fresh random shapes (hidden
+    not a multiple of the tile, an intermediate size whose tiles do not fill a body, up to 9 slots, a
+    slot routed nowhere), every split across blocks, and bit for bit the same on a second run."""
+    spec = QuantSpec(bits=4, scheme=name.split("-")[1], group=int(name.split("-g")[1]))
+    r = rng_for(f"moe-gemv-{name}-{dtype}")
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(r.randrange(1 << 30))
+    for trial in range(2):
+        n_exp = r.randrange(4, 12)
+        hidden = r.choice([320, 448, 200, 1000]) if trial == 0 else 64 * r.randrange(8, 40) + r.choice([0, 8, 40])
+        inter = 16 * r.randrange(2, 40)
+        gu_q = [quantize(random_weight(2 * inter, hidden, gen), spec) for _ in range(n_exp)]
+        dn_q = [quantize(random_weight(hidden, inter, gen), spec) for _ in range(n_exp)]
+        gu = [CUDA.prepare(q) for q in gu_q]
+        dn = [CUDA.prepare(q) for q in dn_q]
+        try:
+            for staging in (4, 5):  # gemv-1x3, gemv-1x7
+                for splits in (0, 1, 2, 3, 4):
+                    CUDA.splits, CUDA.staging = splits, staging
+                    tokens = r.choice([1, 1, 2, 5])
+                    top_k = r.randrange(1, min(9, n_exp) + 1)
+                    ids = torch.stack([torch.randperm(n_exp, device=DEV, generator=gen)[:top_k] for _ in range(tokens)])
+                    if r.random() < 0.3:
+                        ids[tokens - 1, r.randrange(top_k)] = -1  # a slot routed nowhere contributes nothing
+                    wts = torch.rand(tokens, top_k, device=DEV, generator=gen)
+                    x = torch.randn(tokens, hidden, device=DEV, generator=gen).to(dtype)
+                    y = CUDA.moe(x, ids, wts, gu, dn)
+                    ref = _moe_reference(x, ids, wts, gu_q, dn_q, dtype)
+                    what = (f"moe gemv {name} {dtype} E={n_exp} hidden={hidden} inter={inter} T={tokens} k={top_k} "
+                            f"splits={splits} staging={STAGE_NAMES[staging]}")
+                    check(y, ref, dtype, what)
+                    assert torch.equal(CUDA.moe(x, ids, wts, gu, dn), y), f"{what}: not deterministic (seed {SEED})"
+        finally:
+            CUDA.splits, CUDA.staging = 0, 0
+
+
+@pytest.mark.parametrize("staging", [4, 5], ids=["gemv-1x3", "gemv-1x7"])
+def test_moe_runs_on_the_gemv_when_asked(staging):
+    """Both MoE steps launch the GEMV's kernel (not wgemm) for int4 g128 when its block shape is asked for."""
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    spec = SPECS["int4-asym-g128"]
+    gu = [CUDA.prepare(quantize(random_weight(512, 1024, gen), spec)) for _ in range(4)]
+    dn = [CUDA.prepare(quantize(random_weight(1024, 256, gen), spec)) for _ in range(4)]
+    x = torch.randn(1, 1024, device=DEV).to(torch.bfloat16)
+    ids = torch.tensor([[2, 0, 3]], device=DEV)
+    w = torch.rand(1, 3, device=DEV)
+    try:
+        CUDA.splits, CUDA.staging = 0, staging
+        CUDA.moe(x, ids, w, gu, dn)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            CUDA.moe(x, ids, w, gu, dn)
+            torch.cuda.synchronize()
+    finally:
+        CUDA.splits, CUDA.staging = 0, 0
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gemv = sorted({n for n in names if "gemv_i4_kernel" in n})
+    assert len(gemv) == 2 and not any("wgemm_kernel" in n for n in names), names
+
+
 def test_moe_declines_what_it_does_not_take():
     gen = torch.Generator(device=DEV)
     gen.manual_seed(SEED)
