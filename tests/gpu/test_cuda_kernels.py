@@ -277,6 +277,14 @@ def test_int8_extreme_codes(dtype):
     check(run_linear(x, p), reference(x, qt), dtype, "int8 codes and zeros at 0 and 255")
 
 
+def _random_experts(n_exp: int, hidden: int, inter: int, spec: QuantSpec, gen: torch.Generator):
+    """n_exp experts' quantized gate_up [2 * inter, hidden] and down [hidden, inter] weights, and the
+    backend's prepared copies: (gate_up, down, prepared gate_up, prepared down)."""
+    gu_q = [quantize(random_weight(2 * inter, hidden, gen), spec) for _ in range(n_exp)]
+    dn_q = [quantize(random_weight(hidden, inter, gen), spec) for _ in range(n_exp)]
+    return gu_q, dn_q, [CUDA.prepare(q) for q in gu_q], [CUDA.prepare(q) for q in dn_q]
+
+
 def _moe_reference(x, ids, wts, gu, dn, act_dtype):
     out = torch.zeros(x.shape[0], dn[0].n, dtype=torch.float64, device=x.device)
     for t in range(x.shape[0]):
@@ -301,10 +309,7 @@ def test_moe_grouped(name, dtype):
     n_exp = r.randrange(3, 9)
     hidden = r.choice([256, 320, 448, 200 if not spec.is_fp8 else 384])
     inter = 16 * r.randrange(2, 12)
-    gu_q = [quantize(random_weight(2 * inter, hidden, gen), spec) for _ in range(n_exp)]
-    dn_q = [quantize(random_weight(hidden, inter, gen), spec) for _ in range(n_exp)]
-    gu = [CUDA.prepare(q) for q in gu_q]
-    dn = [CUDA.prepare(q) for q in dn_q]
+    gu_q, dn_q, gu, dn = _random_experts(n_exp, hidden, inter, spec, gen)
     try:
         for splits, staging in ((0, 0), (1, 2), (3, 2), (0, 1), (2, 1)):
             CUDA.splits, CUDA.staging = splits, staging
@@ -339,10 +344,7 @@ def test_moe_on_the_gemv_every_shape_and_split(name, dtype):
         n_exp = r.randrange(4, 12)
         hidden = r.choice([320, 448, 200, 1000]) if trial == 0 else 64 * r.randrange(8, 40) + r.choice([0, 8, 40])
         inter = 16 * r.randrange(2, 40)
-        gu_q = [quantize(random_weight(2 * inter, hidden, gen), spec) for _ in range(n_exp)]
-        dn_q = [quantize(random_weight(hidden, inter, gen), spec) for _ in range(n_exp)]
-        gu = [CUDA.prepare(q) for q in gu_q]
-        dn = [CUDA.prepare(q) for q in dn_q]
+        gu_q, dn_q, gu, dn = _random_experts(n_exp, hidden, inter, spec, gen)
         try:
             for staging in (4, 5):  # gemv-1x3, gemv-1x7
                 for splits in (0, 1, 2, 3, 4):
@@ -369,9 +371,7 @@ def test_moe_runs_on_the_gemv_when_asked(staging):
     """Both MoE steps launch the GEMV's kernel (not wgemm) for int4 g128 when its block shape is asked for."""
     gen = torch.Generator(device=DEV)
     gen.manual_seed(SEED)
-    spec = SPECS["int4-asym-g128"]
-    gu = [CUDA.prepare(quantize(random_weight(512, 1024, gen), spec)) for _ in range(4)]
-    dn = [CUDA.prepare(quantize(random_weight(1024, 256, gen), spec)) for _ in range(4)]
+    _, _, gu, dn = _random_experts(4, 1024, 256, SPECS["int4-asym-g128"], gen)
     x = torch.randn(1, 1024, device=DEV).to(torch.bfloat16)
     ids = torch.tensor([[2, 0, 3]], device=DEV)
     w = torch.rand(1, 3, device=DEV)
@@ -393,8 +393,7 @@ def test_moe_declines_what_it_does_not_take():
     gen = torch.Generator(device=DEV)
     gen.manual_seed(SEED)
     spec = SPECS["int4-asym-g128"]
-    gu = [CUDA.prepare(quantize(random_weight(64, 128, gen), spec)) for _ in range(2)]
-    dn = [CUDA.prepare(quantize(random_weight(128, 32, gen), spec)) for _ in range(2)]
+    _, _, gu, dn = _random_experts(2, 128, 32, spec, gen)
     x = torch.randn(1, 128, device=DEV).to(torch.bfloat16)
     ids = torch.tensor([[0, 1]], device=DEV)
     w = torch.ones(1, 2, device=DEV)
