@@ -549,7 +549,8 @@ class CudaBackend:
                   gate_up: list, down: list) -> Any:
         """The two launches of :meth:`moe`, not yet run: ``launches`` is ``[(name, launch(splits,
         staging) -> rc, tuner key, candidate stagings, what), ...]`` for gate_up then down (run in that
-        order, on the current stream), ``y`` the output they write. NotImplemented as for :meth:`moe`."""
+        order; each on the stream current when it is called, on the device of ``x``), ``h`` and ``y``
+        the buffers they write. NotImplemented as for :meth:`moe`."""
         if not gate_up or any(p is None for p in gate_up) or any(p is None for p in down):
             return NotImplemented
         if x.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape[0] != x.shape[0]:
@@ -577,18 +578,21 @@ class CudaBackend:
         h = torch.empty((tokens * top_k, inter), dtype=x.dtype, device=x.device)
         y = torch.empty((tokens, hidden), dtype=x.dtype, device=x.device)
         n_exp = len(gate_up)
-        with _on(x.device):
+
+        def stream_and_workspace() -> tuple:
+            # read at each launch: a launch runs on the stream current then (a graph capture's, say)
             st = torch.cuda.current_stream(x.device)
             ws = self._workspace(x.device, st)
-        wsp, wsb = _ptr(ffi, ws), (0 if ws is None else ws.numel())
-        sp = ffi.cast("ciuic_stream_t", st.cuda_stream)
+            return ffi.cast("ciuic_stream_t", st.cuda_stream), _ptr(ffi, ws), (0 if ws is None else ws.numel())
 
         def gate_up_launch(splits: int, staging: int) -> int:
+            sp, wsp, wsb = stream_and_workspace()
             return lib.ciuic_moe_gate_up(g0.fmt, DT[x.dtype], _ptr(ffi, x), tokens, top_k,
                                          _ptr(ffi, ids, "int64_t *"), n_exp, *tabs[0], hidden, inter, g0.group,
                                          g0.n_groups, _ptr(ffi, h), wsp, wsb, splits, staging, sp)
 
         def down_launch(splits: int, staging: int) -> int:
+            sp, wsp, wsb = stream_and_workspace()
             return lib.ciuic_moe_down(d0.fmt, DT[x.dtype], _ptr(ffi, h), tokens, top_k,
                                       _ptr(ffi, ids, "int64_t *"), _ptr(ffi, wts, "float *"), n_exp, *tabs[1],
                                       inter, hidden, d0.group, d0.n_groups, _ptr(ffi, y), wsp, wsb, splits,

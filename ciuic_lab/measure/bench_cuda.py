@@ -21,6 +21,12 @@ over four K and fits each kernel to ``us = fixed + bytes / rate``: how fast it s
 apart from what each launch costs whatever its size (which is why a 70 MB weight cannot show the
 streaming rate in its isolated time).
 
+``moe_rows`` time the two grouped MoE launches for one decode token (int4 g128 experts; the decode
+benchmark's experts and DeepSeek-V3's, the shared expert as one more slot), each against the same
+selected experts' bf16 products through cuBLAS (one ``F.linear`` per slot, nothing else), with the
+ids rotating over enough experts that every launch reads its weights from device memory. The MoE
+output is checked against the fp64 reference first.
+
 ``bench_decode_cuda`` builds a ~2B-parameter DeepSeek-V3-architecture model from a config (random
 weights) and measures greedy decode tokens/s with a static KV cache and CUDA graphs, bf16 against
 int4 (groups of 128) on these kernels. ``profile=True`` adds the kernels that take the most device
@@ -251,12 +257,13 @@ def _timed_row(fns: list, nbytes: int, copy_gbs: float, reps: int, chained: bool
 
 def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
                        formats=("int4", "int8", "fp8"), sweep: bool = False, reps: int | None = None,
-                       chained: bool = True, fit_ks=None) -> dict:
+                       chained: bool = True, fit_ks=None, moe: bool = True) -> dict:
     """Kernel timings on the GPU (see the module's docstring). ``sweep`` also times every split-K
     choice of our int4 kernel (for tuning; the reported row is the launcher's own choice).
     ``chained`` adds each kernel's time per call back to back in a CUDA graph (``time_chain``);
     ``fit_ks`` (default: 3584, 7168, 14336, 21504 in a full run, none in a quick one) times int4 batch 1
-    at N = 18432 for those K and fits each kernel's time to ``fixed + bytes / streaming rate``."""
+    at N = 18432 for those K and fits each kernel's time to ``fixed + bytes / streaming rate``; ``moe``
+    adds the grouped MoE launches (``moe_rows``, ``bench_moe_cuda``)."""
     _need_cuda()
     backend = _cuda_backend()
     shapes = tuple(shapes or (DEEPSEEK_V3_SHAPES[:2] if quick else DEEPSEEK_V3_SHAPES))
@@ -320,6 +327,8 @@ def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
                   + ("; chained_*: back to back in one CUDA graph, median replay / calls" if chained else ""),
         "rows": rows,
     }
+    if moe and "int4" in formats:
+        out["moe_rows"] = bench_moe_cuda(backend, copy_gbs, l2, gen, quick=quick, reps=reps, chained=chained)
     if fit_ks and "int4" in formats:
         out["launch_fit"] = launch_fit(backend, fit_ks, 18432, copy_gbs, l2, gen, reps=min(reps, 100))
     if tg_error:
@@ -327,7 +336,89 @@ def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
     if sweeps:
         out["splits_sweep"] = sweeps
     out["figures"] = _figures(rows, copy_gbs)
+    for r in out.get("moe_rows", ()):
+        if r["kernel"] == "ciuic_int4":
+            key = f"moe_{r['experts']}_{r['step']}"
+            out["figures"][f"{key}_pct_copy_bw"] = r["pct_copy_bw"]
+            out["figures"][f"{key}_vs_cublas"] = r.get("speedup_vs_cublas")
     return out
+
+
+# (name, hidden, moe intermediate, top-k + the shared expert, experts to rotate over (full run, quick))
+MOE_SHAPES = (
+    ("decode-bench", 4096, 1536, 5, (24, 12)),
+    ("deepseek-v3", 7168, 2048, 9, (24, 0)),
+)
+
+
+def bench_moe_cuda(backend, copy_gbs: float, l2: int, gen: torch.Generator, quick: bool = False,
+                   reps: int = 200, chained: bool = True, shapes=MOE_SHAPES) -> list[dict[str, Any]]:
+    """The grouped MoE launches for one token (see the module's docstring): per expert shape and step
+    (gate_up, down), ``ciuic_int4`` (the backend's own plan for the launch) and ``cublas_bf16`` (one
+    ``F.linear`` per selected expert), with bytes, GB/s and the share of the copy bandwidth."""
+    dev = gen.device
+    spec = SPECS["int4"]
+    rows: list[dict[str, Any]] = []
+    for name, hidden, inter, slots, n_full in shapes:
+        n_exp = n_full[1] if quick else n_full[0]
+        if n_exp == 0:
+            continue
+        gu16 = [(torch.randn(2 * inter, hidden, device=dev, generator=gen) * 0.02).to(torch.bfloat16)
+                for _ in range(n_exp)]
+        dn16 = [(torch.randn(hidden, inter, device=dev, generator=gen) * 0.02).to(torch.bfloat16)
+                for _ in range(n_exp)]
+        gq, dq = [quantize(w, spec) for w in gu16], [quantize(w, spec) for w in dn16]
+        gu, dn = [backend.prepare(q, "auto") for q in gq], [backend.prepare(q, "auto") for q in dq]
+        pick = torch.Generator(device="cpu")
+        pick.manual_seed(n_exp)
+        sets = []
+        for _ in range(16):
+            ids = torch.randperm(n_exp, generator=pick)[:slots].view(1, slots).to(dev)
+            w = torch.rand(1, slots, device=dev, generator=gen)
+            x = torch.randn(1, hidden, device=dev, generator=gen).to(torch.bfloat16)
+            sets.append((ids, w, x, backend.moe_steps(x, ids, w, gu, dn)))
+        ids, w, x, _ = sets[0]
+        y = backend.moe(x, ids, w, gu, dn)
+        ref = torch.zeros(1, hidden, dtype=torch.float64, device=dev)
+        for j, e in enumerate(ids[0].tolist()):
+            g, u = (x[0].double() @ dequantize(gq[e], torch.float64).T).chunk(2)
+            h = (F.silu(g) * u).to(torch.bfloat16).double()
+            ref[0] += float(w[0, j]) * (h @ dequantize(dq[e], torch.float64).T)
+        err = _rel_err(y, ref)
+        if not err < 1e-2:
+            raise CiuicError(f"moe {name}: relative error {err:.3g} against the reference; refusing to time it")
+        for _, _, _, st in sets:  # every set's h written once (the down step's input)
+            for _, launch, *_ in st.launches:
+                launch(0, 0)
+        for k, step in enumerate(("gate_up", "down")):
+            ours = []
+            for _, _, _, st in sets:
+                _, launch, key, cands, _ = st.launches[k]
+                plan = backend._choice(key, launch, dev, cands)
+                ours.append(lambda launch=launch, plan=plan: launch(*plan))
+            # the selected experts' bf16 weights, listed on the host (no copy back inside a graph capture)
+            if step == "gate_up":
+                dense = [lambda x=x, ws=[gu16[e] for e in ids[0].tolist()]: [F.linear(x, wi) for wi in ws]
+                         for ids, _, x, _ in sets]
+                nb16, nb4 = 2 * inter * hidden * 2, gu[0].nbytes
+            else:
+                dense = [lambda h=st.h, ws=[dn16[e] for e in ids[0].tolist()]:
+                         [F.linear(h[j:j + 1], wi) for j, wi in enumerate(ws)] for ids, _, _, st in sets]
+                nb16, nb4 = hidden * inter * 2, dn[0].nbytes
+            base = {"experts": name, "hidden": hidden, "inter": inter, "slots": slots, "step": step}
+            cb = {**base, "kernel": "cublas_bf16", **_timed_row(dense, slots * nb16, copy_gbs, reps, chained)}
+            row = {**base, "kernel": "ciuic_int4", **_timed_row(ours, slots * nb4, copy_gbs, reps, chained),
+                   "rel_err": err}
+            row["speedup_vs_cublas"] = cb["us"] / row["us"]
+            if chained:
+                row["chained_speedup_vs_cublas"] = cb["chained_us"] / row["chained_us"]
+            tuned = backend.tuned.get(sets[0][3].launches[k][2])
+            if tuned:
+                row["config"] = {"splits": tuned[0], "staging": STAGE_NAMES[tuned[1]]}
+            rows += [cb, row]
+        del gu16, dn16, gq, dq, gu, dn, sets
+        torch.cuda.empty_cache()
+    return rows
 
 
 def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:

@@ -70,6 +70,10 @@ for r in d["rows"]:
           f"{r.get('speedup_vs_cublas', 0) or 0:7.2f} {r.get('speedup_vs_tinygemm', 0) or 0:6.2f} "
           f"{'' if e is None else format(e, '.1e'):>8} | {r.get('chained_us', 0):14.1f} {r.get('chained_pct_copy_bw', 0):6.1f} "
           f"{r.get('chained_speedup_vs_cublas', 0) or 0:7.2f} {r.get('chained_speedup_vs_tinygemm', 0) or 0:6.2f}")
+for r in d.get("moe_rows", []):
+    print(f"moe {r['experts']:>12} {r['step']:>7} {r['kernel']:>12} {r['us']:8.1f} us {r['GBps']:7.0f} GB/s "
+          f"{r['pct_copy_bw']:5.1f}% x{r.get('speedup_vs_cublas') or 0:5.2f} | chained {r.get('chained_us', 0):7.1f} us "
+          f"{r.get('chained_pct_copy_bw', 0):5.1f}% x{r.get('chained_speedup_vs_cublas') or 0:5.2f} {r.get('config', '')}")
 for key, f in d.get("launch_fit", {}).get("fits", {}).items():
     print(f"fit {key:>24}: fixed {f['fixed_us']:5.2f} us, streaming {f['stream_GBps']:5.0f} GB/s = "
           f"{f['stream_pct_copy_bw']:5.1f}% of copy  {f['points_us']}")

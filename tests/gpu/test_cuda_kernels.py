@@ -389,6 +389,33 @@ def test_moe_runs_on_the_gemv_when_asked(staging):
     assert len(gemv) == 2 and not any("wgemm_kernel" in n for n in names), names
 
 
+def test_moe_steps_replay_from_a_graph_and_the_moe_benchmark_runs():
+    """The MoE launches captured in a CUDA graph (on the capture's stream, with its workspace) write the
+    right output when replayed; the benchmark's MoE rows come out whole for a small expert shape."""
+    from ciuic_lab.measure.bench_cuda import bench_moe_cuda, capture_graph, copy_bandwidth
+
+    r = rng_for("moe-graph")
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(r.randrange(1 << 30))
+    hidden, inter, n_exp = 64 * r.randrange(6, 20), 16 * r.randrange(10, 30), 6
+    gu_q, dn_q, gu, dn = _random_experts(n_exp, hidden, inter, SPECS["int4-asym-g128"], gen)
+    ids = torch.stack([torch.randperm(n_exp, device=DEV, generator=gen)[:3] for _ in range(2)])
+    wts = torch.rand(2, 3, device=DEV, generator=gen)
+    x = torch.randn(2, hidden, device=DEV, generator=gen).to(torch.bfloat16)
+    steps = CUDA.moe_steps(x, ids, wts, gu, dn)
+    steps.y.fill_(float("nan"))
+    g = capture_graph(lambda: [launch(0, 0) for _, launch, *_ in steps.launches], warmups=1)
+    steps.y.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    check(steps.y, _moe_reference(x, ids, wts, gu_q, dn_q, torch.bfloat16), torch.bfloat16, "moe steps from a graph")
+    rows = bench_moe_cuda(CUDA, copy_bandwidth(1 << 26, reps=3), torch.cuda.get_device_properties(DEV).L2_cache_size,
+                          gen, reps=10, shapes=(("small", 512, 256, 3, (6, 6)),))
+    assert [(q["step"], q["kernel"]) for q in rows] == [("gate_up", "cublas_bf16"), ("gate_up", "ciuic_int4"),
+                                                        ("down", "cublas_bf16"), ("down", "ciuic_int4")]
+    assert all(q["us"] > 0 and q["chained_us"] > 0 for q in rows) and rows[1]["rel_err"] < 1e-2
+
+
 def test_moe_declines_what_it_does_not_take():
     gen = torch.Generator(device=DEV)
     gen.manual_seed(SEED)
