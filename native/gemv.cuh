@@ -14,7 +14,8 @@
 //     are compile-time constants (no per-tile group test, scale and zero pairs loaded one body
 //     ahead); other groups go tile by tile;
 //   - the block's rows of x for its whole K range (all S slices) are staged once, row-major, with
-//     cp.async (one barrier, before the main loop); the B fragments come from shared memory with
+//     cp.async before the main loop (each slice's warps stage their slice and meet on a barrier of
+//     their own; one block barrier where that does not apply); the B fragments come from shared memory with
 //     ldmatrix, the rows past m pointing at row m - 1 (their output columns are never stored);
 //   - codes stream with 16-byte loads DEPTH tiles ahead of use per lane; scale and zero pairs one
 //     group ahead; no barrier and no shared-memory traffic for codes;
@@ -275,6 +276,26 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
     const int span = S > 1 ? max(0, min(kf, blk_begin + S * p.tps) - blk_begin) * 64 : nkt * 64;
     if constexpr (MODE == DOWN) {
       cp_async_wait<0>();  // (issued before the slot table was read)
+    } else if (MODE == PLAIN && S > 1 && p.xvec) {
+      // each slice's R warps stage its part of x and wait on a barrier of their own (named barrier
+      // 1 + slice; one warp: none), not on the whole block's: a warp starts as soon as its slice is in
+      const int s0 = blk_begin + slice * p.tps;
+      const int vpr = max(0, min(kf, s0 + p.tps) - s0) * 8;
+      const int ts = (warp / S) * 32 + lane;
+      const char *xb = static_cast<const char *>(p.x) + xoff;
+      for (int i = ts; i < m_rows * vpr; i += 32 * R) {
+        const int row = i / vpr, cv = i - row * vpr;
+        const int kk = s0 * 64 + cv * 8;
+        const bool in = kk < p.k;
+        const char *src = in ? xb + (static_cast<size_t>(row) * p.k + kk) * 2 : xb;
+        cp_async16(smem_u32(dsm + row * rs + slice * p.tps * 128 + cv * 16), src, in ? 16 : 0);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      if constexpr (R == 1)
+        __syncwarp();  // a slice of one warp (a named barrier here cost the 1 x 3 shape 1.4 us on an H100)
+      else
+        asm volatile("bar.sync %0, %1;" ::"r"(1 + slice), "r"(32 * R) : "memory");
     } else if (p.xvec) {
       const int vpr = span >> 3;
       const char *xb = static_cast<const char *>(p.x) + xoff;
@@ -297,7 +318,7 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
       }
     }
   }
-  __syncthreads();
+  if (!(MODE == PLAIN && S > 1 && p.xvec)) __syncthreads();  // (the per-slice barriers above otherwise)
 
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, tot[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #if CIUIC_PROBE == 1
