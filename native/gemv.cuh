@@ -132,25 +132,21 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
 
   // gate_up: the pair's expert and x row (down: per slot, from the slot table). The plain weight's
   // pointers are read from p where they are used (reading them here costs the plain kernel registers).
-  const uint4 *ecodes = nullptr;
-  const uint32_t *escales = nullptr;
-  const uint16_t *ezeros = nullptr;
-  size_t xoff = 0;
+  // the block's K range of x to stage: its first tile and its length in inputs
+  auto x_range = [&](int &blk_begin, int &span) {
+    blk_begin = S > 1 ? fresh_ctaid_y() * S * p.tps : kt_begin;
+    span = S > 1 ? max(0, min(kf, blk_begin + S * p.tps) - blk_begin) * 64 : nkt * 64;
+  };
+  Operand ex = {};  // gate_up: the pair's expert (wgemm's lookup; NULL codes: an id out of range)
   GemvSlot *tab = reinterpret_cast<GemvSlot *>(dsm + p.tab_off);
   if constexpr (MODE == GATEUP) {
-    const int z = blockIdx.z;
-    const int64_t e = __ldg(p.ids + z);
-    const bool ok = e >= 0 && e < p.n_experts;
-    live = live && ok;
-    ecodes = ok ? reinterpret_cast<const uint4 *>(__ldg(p.tab_codes + e)) : nullptr;
-    escales = ok ? reinterpret_cast<const uint32_t *>(__ldg(p.tab_scales + e)) : nullptr;
-    ezeros = (ok && p.tab_zeros) ? reinterpret_cast<const uint16_t *>(__ldg(p.tab_zeros + e)) : nullptr;
-    xoff = static_cast<size_t>(z / p.top_k) * p.k * 2;
+    ex = operand<GATEUP, 2>(p, blockIdx.z, 0);
+    live = live && ex.codes != nullptr;
   } else if constexpr (MODE == DOWN) {
     // x first: its copies are in flight while the slot table is read (which the first codes wait for)
     {
-      const int blk_begin = S > 1 ? fresh_ctaid_y() * S * p.tps : kt_begin;
-      const int span = S > 1 ? max(0, min(kf, blk_begin + S * p.tps) - blk_begin) * 64 : nkt * 64;
+      int blk_begin, span;
+      x_range(blk_begin, span);
       const char *xb = static_cast<const char *>(p.x);
       // one row over the slots' padded ranges: slot j's tiles from row z * top_k + j of h
       const int z = fresh_ctaid_z();
@@ -172,16 +168,8 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
     }
     const int z = blockIdx.z;
     for (int j = tid; j < p.top_k; j += kThr) {
-      const int idx = z * p.top_k + j;
-      const int64_t e = __ldg(p.ids + idx);
-      const bool ok = e >= 0 && e < p.n_experts;
-      GemvSlot sl;
-      sl.codes = ok ? reinterpret_cast<const uint4 *>(__ldg(p.tab_codes + e)) : nullptr;
-      sl.scales = ok ? reinterpret_cast<const uint32_t *>(__ldg(p.tab_scales + e)) : nullptr;
-      sl.zeros = (ok && p.tab_zeros) ? reinterpret_cast<const uint16_t *>(__ldg(p.tab_zeros + e)) : nullptr;
-      sl.rw = ok ? __ldg(p.route_w + idx) : 0.0f;
-      sl.pad = 0;
-      tab[j] = sl;
+      const Operand o = operand<DOWN, 2>(p, z, j);
+      tab[j] = GemvSlot{o.codes, static_cast<const uint32_t *>(o.scales), o.zeros, o.rw, 0};
     }
     __syncthreads();
   }
@@ -217,7 +205,7 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
   };
 
   // codes: the first D tiles in flight before x is staged
-  const uint4 *cp = (MODE == GATEUP ? ecodes : p.codes) + (wrow + kt_begin) * 32 + lane;
+  const uint4 *cp = (MODE == GATEUP ? ex.codes : p.codes) + (wrow + kt_begin) * 32 + lane;
   uint4 w[D];
   if constexpr (MODE == DOWN) {
     const uint4 *np;
@@ -231,8 +219,8 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
   }
 
   const size_t gb = static_cast<size_t>(live ? ntile : 0) * p.n_groups * 8 + g;
-  const uint32_t *sb = (MODE == GATEUP ? escales : static_cast<const uint32_t *>(p.scales)) + gb;
-  const uint16_t *zb = MODE == GATEUP ? (ezeros ? ezeros + gb : nullptr) : (p.zeros ? p.zeros + gb : nullptr);
+  const uint32_t *sb = static_cast<const uint32_t *>(MODE == GATEUP ? ex.scales : p.scales) + gb;
+  const uint16_t *zb = MODE == GATEUP ? (ex.zeros ? ex.zeros + gb : nullptr) : (p.zeros ? p.zeros + gb : nullptr);
   static_assert(NG <= 2, "zero pairs of a body are packed in one word");
   // scale pairs of the groups of the body starting at tile i0, and their zero pairs packed in one
   // word (group j in bits 16j..16j+15); down: of the body at (sj, skk), whose routing weight goes to rw
@@ -272,8 +260,10 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
   // x rows [m][blk_begin * 64, blk_end * 64), row-major, zeros past k (down: one row over the slots'
   // padded ranges, slot j's tiles from row z * top_k + j of h)
   {
-    const int blk_begin = S > 1 ? fresh_ctaid_y() * S * p.tps : kt_begin;
-    const int span = S > 1 ? max(0, min(kf, blk_begin + S * p.tps) - blk_begin) * 64 : nkt * 64;
+    int blk_begin, span;
+    x_range(blk_begin, span);
+    // x, or gate_up's token row of it (taken where used: taken here it costs the plain kernel)
+    auto x0 = [&] { return static_cast<const char *>(MODE == GATEUP ? ex.xrow : p.x); };
     if constexpr (MODE == DOWN) {
       cp_async_wait<0>();  // (issued before the slot table was read)
     } else if (MODE == PLAIN && S > 1 && p.xvec) {
@@ -282,7 +272,7 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
       const int s0 = blk_begin + slice * p.tps;
       const int vpr = max(0, min(kf, s0 + p.tps) - s0) * 8;
       const int ts = (warp / S) * 32 + lane;
-      const char *xb = static_cast<const char *>(p.x) + xoff;
+      const char *xb = x0();
       for (int i = ts; i < m_rows * vpr; i += 32 * R) {
         const int row = i / vpr, cv = i - row * vpr;
         const int kk = s0 * 64 + cv * 8;
@@ -298,7 +288,7 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
         asm volatile("bar.sync %0, %1;" ::"r"(1 + slice), "r"(32 * R) : "memory");
     } else if (p.xvec) {
       const int vpr = span >> 3;
-      const char *xb = static_cast<const char *>(p.x) + xoff;
+      const char *xb = x0();
       for (int i = tid; i < m_rows * vpr; i += kThr) {
         const int row = i / vpr, cv = i - row * vpr;
         const int kk = blk_begin * 64 + cv * 8;
@@ -309,7 +299,7 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
       cp_async_commit();
       cp_async_wait<0>();
     } else {
-      const uint16_t *xh = reinterpret_cast<const uint16_t *>(static_cast<const char *>(p.x) + xoff);
+      const uint16_t *xh = reinterpret_cast<const uint16_t *>(x0());
       for (int i = tid; i < m_rows * span; i += kThr) {
         const int row = i / span, kk = i - row * span;
         const int kg = blk_begin * 64 + kk;
