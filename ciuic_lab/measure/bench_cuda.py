@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from ..errors import CiuicError
 from ..kernels.cuda import GEMV_STAGINGS, STAGE_CHUNK, STAGE_NAMES, STAGE_WHOLE, tune_splits
+from ..kernels.reference import moe_reference
 from ..quant import QuantSpec, dequantize, quantize
 
 # DeepSeek-V3 projections, (K inputs, N outputs)
@@ -379,12 +380,7 @@ def bench_moe_cuda(backend, copy_gbs: float, l2: int, gen: torch.Generator, quic
             sets.append((ids, w, x, backend.moe_steps(x, ids, w, gu, dn)))
         ids, w, x, _ = sets[0]
         y = backend.moe(x, ids, w, gu, dn)
-        ref = torch.zeros(1, hidden, dtype=torch.float64, device=dev)
-        for j, e in enumerate(ids[0].tolist()):
-            g, u = (x[0].double() @ dequantize(gq[e], torch.float64).T).chunk(2)
-            h = (F.silu(g) * u).to(torch.bfloat16).double()
-            ref[0] += float(w[0, j]) * (h @ dequantize(dq[e], torch.float64).T)
-        err = _rel_err(y, ref)
+        err = _rel_err(y, moe_reference(x, ids, w, gq, dq, torch.bfloat16))
         if not err < 1e-2:
             raise CiuicError(f"moe {name}: relative error {err:.3g} against the reference; refusing to time it")
         for _, _, _, st in sets:  # every set's h written once (the down step's input)

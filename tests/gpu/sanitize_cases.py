@@ -12,9 +12,9 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from ciuic_lab.kernels.cuda import CUDA
+from ciuic_lab.kernels.reference import moe_reference
 from ciuic_lab.quant import QuantSpec, dequantize, quantize
 
 SPECS = [
@@ -72,16 +72,7 @@ def main(quick: bool) -> int:
                 ids = torch.tensor([[0, 3], [2, -1]], device=dev)
                 w = torch.rand(2, 2, device=dev)
                 y = CUDA.moe(x, ids, w, gu, dn)
-                ref = torch.zeros(2, hidden, dtype=torch.float64, device=dev)
-                for t in range(2):
-                    for j in range(2):
-                        e = int(ids[t, j])
-                        if e < 0:
-                            continue
-                        g, u = (x[t].double() @ dequantize(gq[e], torch.float64).T).chunk(2)
-                        h = (F.silu(g) * u).to(dtype).double()
-                        ref[t] += float(w[t, j]) * (h @ dequantize(dq[e], torch.float64).T)
-                er = rel(y, ref)
+                er = rel(y, moe_reference(x, ids, w, gq, dq, dtype))
                 cases += 1
                 if not er < 1e-2:
                     bad += 1

@@ -14,7 +14,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ciuic_lab.errors import KernelError
 from ciuic_lab.quant import QTensor, QuantSpec, dequantize, quantize
@@ -26,6 +25,7 @@ if not torch.cuda.is_available():
 
 from ciuic_lab.kernels import REGISTRY  # noqa: E402
 from ciuic_lab.kernels.cuda import CUDA, STAGE_NAMES  # noqa: E402
+from ciuic_lab.kernels.reference import moe_reference  # noqa: E402
 
 _ok, _why = CUDA.available()
 if not _ok:
@@ -285,20 +285,6 @@ def _random_experts(n_exp: int, hidden: int, inter: int, spec: QuantSpec, gen: t
     return gu_q, dn_q, [CUDA.prepare(q) for q in gu_q], [CUDA.prepare(q) for q in dn_q]
 
 
-def _moe_reference(x, ids, wts, gu, dn, act_dtype):
-    out = torch.zeros(x.shape[0], dn[0].n, dtype=torch.float64, device=x.device)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if e < 0 or e >= len(gu):
-                continue
-            a = x[t].double() @ dequantize(gu[e], torch.float64).T
-            g, u = a.chunk(2)
-            h = (F.silu(g) * u).to(act_dtype).double()  # the kernel hands h on in the activation dtype
-            out[t] += float(wts[t, j]) * (h @ dequantize(dn[e], torch.float64).T)
-    return out
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", ["int4-asym-g128", "int8-sym-channel", "fp8", "int4-sym-g64"])
 def test_moe_grouped(name, dtype):
@@ -322,7 +308,7 @@ def test_moe_grouped(name, dtype):
                 x = torch.randn(tokens, hidden, device=DEV, generator=gen).to(dtype)
                 y = CUDA.moe(x, ids, wts, gu, dn)
                 assert y is not NotImplemented
-                ref = _moe_reference(x, ids, wts, gu_q, dn_q, dtype)
+                ref = moe_reference(x, ids, wts, gu_q, dn_q, dtype)
                 check(y, ref, dtype, f"moe {name} E={n_exp} hidden={hidden} inter={inter} T={tokens} "
                       f"k={top_k} splits={splits} staging={staging}")
     finally:
@@ -357,7 +343,7 @@ def test_moe_on_the_gemv_every_shape_and_split(name, dtype):
                     wts = torch.rand(tokens, top_k, device=DEV, generator=gen)
                     x = torch.randn(tokens, hidden, device=DEV, generator=gen).to(dtype)
                     y = CUDA.moe(x, ids, wts, gu, dn)
-                    ref = _moe_reference(x, ids, wts, gu_q, dn_q, dtype)
+                    ref = moe_reference(x, ids, wts, gu_q, dn_q, dtype)
                     what = (f"moe gemv {name} {dtype} E={n_exp} hidden={hidden} inter={inter} T={tokens} k={top_k} "
                             f"splits={splits} staging={STAGE_NAMES[staging]}")
                     check(y, ref, dtype, what)
@@ -408,7 +394,7 @@ def test_moe_steps_replay_from_a_graph_and_the_moe_benchmark_runs():
     steps.y.fill_(float("nan"))
     g.replay()
     torch.cuda.synchronize()
-    check(steps.y, _moe_reference(x, ids, wts, gu_q, dn_q, torch.bfloat16), torch.bfloat16, "moe steps from a graph")
+    check(steps.y, moe_reference(x, ids, wts, gu_q, dn_q, torch.bfloat16), torch.bfloat16, "moe steps from a graph")
     rows = bench_moe_cuda(CUDA, copy_bandwidth(1 << 26, reps=3), torch.cuda.get_device_properties(DEV).L2_cache_size,
                           gen, reps=10, shapes=(("small", 512, 256, 3, (6, 6)),))
     assert [(q["step"], q["kernel"]) for q in rows] == [("gate_up", "cublas_bf16"), ("gate_up", "ciuic_int4"),
