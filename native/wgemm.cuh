@@ -83,6 +83,9 @@ __host__ __device__ constexpr int chunk_tiles(int fmt, int rt) {
 // tests/gpu/probe.sh): batch 1 is fastest with 1 (2: +12%, 4: +20%); batch 9-16 also with 1 (14%
 // faster than 2 on 7168->18432). CIUIC_I4_RT1 / CIUIC_I4_RT2 override the int4 choice for one and two
 // batch tiles (for tuning).
+#ifndef CIUIC_I4_F16FMA
+#define CIUIC_I4_F16FMA 1  // int4 with fp16 activations: one shift per code word (dequant)
+#endif
 #ifndef CIUIC_I4_RT1
 #define CIUIC_I4_RT1 1
 #endif
@@ -157,6 +160,12 @@ __device__ __forceinline__ uint32_t sub2(uint32_t a, uint32_t b) {
   }
 }
 
+__device__ __forceinline__ uint32_t fma2_f16(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
 template <bool BF16>
 __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
   if constexpr (BF16) {
@@ -186,6 +195,11 @@ __device__ __forceinline__ void zero_words(uint32_t zr, uint32_t &zlo, uint32_t 
   } else if constexpr (FMT == CIUIC_FMT_INT8 && BF16) {
     zlo = 0x4B000000u | (zr & 0xFFu);
     zhi = 0x4B000000u | ((zr >> 8) & 0xFFu);
+  } else if constexpr (FMT == CIUIC_FMT_INT4 && !BF16 && CIUIC_I4_F16FMA) {
+    // int4/fp16: zhi = -(64 + z) for the codes that sit 4 bits up (see dequant)
+    zlo = __byte_perm(zr, 0x64646464u, 0x4040);
+    const uint32_t t = (zr >> 4) & 0x0FF0u;
+    zhi = (t | (t << 16)) | 0xD400D400u;
   } else {
     const uint32_t mag = BF16 ? 0x43434343u : 0x64646464u;
     zlo = __byte_perm(zr, mag, 0x4040);
@@ -197,7 +211,15 @@ __device__ __forceinline__ void zero_words(uint32_t zr, uint32_t &zlo, uint32_t 
 // Register i holds row g + 8 * (i & 1), inputs 2t + 8 * (i >> 1) + {0, 1} (the mma's A layout).
 template <int FMT, bool BF16>
 __device__ __forceinline__ void dequant(uint32_t w0, uint32_t w1, uint32_t zlo, uint32_t zhi, uint32_t (&a)[4]) {
-  if constexpr (FMT == CIUIC_FMT_INT4) {
+  if constexpr (FMT == CIUIC_FMT_INT4 && !BF16 && CIUIC_I4_F16FMA) {
+    // fp16: a nibble 4 bits up the half lands inside the mantissa of 1024.0 as 1024 + 16 q, which
+    // one fma by 1/16 with -(64 + z) makes q - z exactly: one shift a word instead of three
+    const uint32_t mag = 0x64006400u, lo = 0x000F000Fu, hi = 0x00F000F0u, w8 = w0 >> 8;
+    a[0] = sub2<false>(and_or(w0, lo, mag), zlo);
+    a[1] = fma2_f16(and_or(w0, hi, mag), 0x2C002C00u, zhi);
+    a[2] = sub2<false>(and_or(w8, lo, mag), zlo);
+    a[3] = fma2_f16(and_or(w8, hi, mag), 0x2C002C00u, zhi);
+  } else if constexpr (FMT == CIUIC_FMT_INT4) {
     // nibble p of w0 is register (p & 3), half (p >> 2)
     const uint32_t mag = BF16 ? 0x43004300u : 0x64006400u, mask = 0x000F000Fu;
     a[0] = sub2<BF16>(and_or(w0, mask, mag), zlo);

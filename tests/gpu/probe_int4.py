@@ -4,7 +4,7 @@ Run by tests/gpu/probe.sh once per variant (each a build with its own CIUIC_NVCC
 checks the build against the reference on random shapes, with every kernel path forced (unless it
 is a diagnostic build whose output is meaningless), then times int4 g128 at batch 1, 4, 8 and 16 for
 every split-K count of each kernel path (``PROBE_STAGINGS``, default "2 3": the chunked wgemm and the
-GEMV), beside cuBLAS bf16, torch's int4 kernel and the copy bandwidth of the same run, on weights
+GEMV; ``PROBE_DTYPES="bf16 fp16"`` times fp16 activations too), beside cuBLAS bf16, torch's int4 kernel and the copy bandwidth of the same run, on weights
 rotated beyond L2, and prints one JSON line.
 """
 
@@ -25,6 +25,7 @@ name = sys.argv[1]
 diagnostic = "CIUIC_PROBE=" in os.environ.get("CIUIC_NVCC_FLAGS", "")
 stagings = [int(s) for s in os.environ.get("PROBE_STAGINGS", "2 3").split()]
 batches = [int(s) for s in os.environ.get("PROBE_BATCHES", "1 4 8 16").split()]
+dtypes = os.environ.get("PROBE_DTYPES", "bf16").split()  # activations timed: bf16, fp16 (x cast once)
 build()
 LIBRARY.get()
 dev = torch.device("cuda")
@@ -78,16 +79,17 @@ for k, n in ((7168, 18432), (18432, 7168)):
         row["cublas_us"] = time_calls([lambda wi=wi: F.linear(x, wi) for wi in dense], reps=60)["us"]
         row["tinygemm_us"] = time_calls([lambda a=a, b=b: torch.ops.aten._weight_int4pack_mm(x, a, 128, b)
                                          for a, b in tg], reps=60)["us"]
-        for st in stagings:
+        for st, dt in [(st, dt) for st in stagings for dt in dtypes]:
+            xd = x if dt == "bf16" else x.half()
             by = {}
             for s in SPLITS[st]:
                 CUDA.splits, CUDA.staging = s, st
                 try:
-                    by[s] = time_calls([lambda c=c: CUDA.linear(x, c) for c in cps], reps=60)["us"]
+                    by[s] = time_calls([lambda c=c: CUDA.linear(xd, c) for c in cps], reps=60)["us"]
                 finally:
                     CUDA.splits, CUDA.staging = 0, 0
             best = min(by, key=by.get)
-            row[f"s{st}"] = {"best_splits": best, "best_us": by[best],
+            row[f"s{st}" + ("" if dt == "bf16" else "_" + dt)] = {"best_splits": best, "best_us": by[best],
                              "pct_copy": 100 * qt.nbytes / by[best] / 1e3 / out["copy_GBps"],
                              "x_cublas": row["cublas_us"] / by[best], "x_tinygemm": row["tinygemm_us"] / by[best],
                              "by_splits": {s: round(v, 1) for s, v in by.items()}}
