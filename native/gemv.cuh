@@ -48,6 +48,31 @@ __device__ __forceinline__ int fresh_ctaid_x() {
   return v;
 }
 
+#ifndef CIUIC_GEMV_TIMELINE
+#define CIUIC_GEMV_TIMELINE 0  // probe: lane 0 of each warp stamps %globaltimer at 4 points into p.bias
+#endif
+// Probe builds (CIUIC_GEMV_TIMELINE, tests/gpu/probe_timeline.py): stamp j of this warp into p.bias,
+// 8 words a warp (entry, loop start, loop end, before the stores, then the multiprocessor); no bias is
+// added. Otherwise nothing.
+__device__ __forceinline__ void stamp(const void *buf, int j) {
+#if CIUIC_GEMV_TIMELINE
+  if ((threadIdx.x & 31) == 0) {
+    unsigned long long t;
+    unsigned sm;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    const unsigned w = ((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * (blockDim.x >> 5) +
+                       (threadIdx.x >> 5);
+    unsigned *o = static_cast<unsigned *>(const_cast<void *>(buf)) + w * 8;
+    o[j] = static_cast<unsigned>(t);
+    if (j == 0) o[4] = sm;
+  }
+#else
+  (void)buf;
+  (void)j;
+#endif
+}
+
 constexpr int kGemvWarps = 4;  // warps of a block of the row-tile shape (R = 4, S = 1)
 constexpr int kGemvThreads = kGemvWarps * 32;
 // batch rows up to which CIUIC_STAGE_AUTO takes the GEMV
@@ -106,6 +131,7 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
   extern __shared__ __align__(128) unsigned char dsm[];
   __shared__ int s_last;
 
+  stamp(p.bias, 0);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2;
   const int split = blockIdx.y;
@@ -345,6 +371,7 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
     }
   };
 
+  stamp(p.bias, 1);
   int i0 = 0;  // first tile of the run-time path
   if constexpr (GT > 0) {
     // bodies of D tiles, each starting on a group boundary; scale and zero pairs one body ahead
@@ -447,6 +474,7 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
 #if CIUIC_PROBE == 1
   if (sink == 0x9E3779B9u) tot[0] += 1.0f;
 #endif
+  stamp(p.bias, 2);
   // the thread's coordinates read afresh: nothing of them stays in a register through the main loop
   const int e_tid = fresh_tid(), e_lane = e_tid & 31, e_warp = e_tid >> 5;
   const int e_g = e_lane >> 2, e_t4 = e_lane & 3;
@@ -492,7 +520,8 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
   const bool lead = e_slice == 0 && (MODE != GATEUP || e_wr < R);
   // ---- epilogue: lane (g, t) holds rows g, g + 8 of its tile for batch rows 2t, 2t + 1
   T *yo = static_cast<T *>(p.y);
-  const T *bias = static_cast<const T *>(p.bias);
+  const T *bias = CIUIC_GEMV_TIMELINE ? nullptr : static_cast<const T *>(p.bias);
+  stamp(p.bias, 3);
   const int inter = p.n >> 1;  // gate_up: rows of h
   if (gridDim.y == 1) {
 #pragma unroll

@@ -3,6 +3,7 @@
 # tuning the int4 kernels on a GPU machine. Variants are "name=flags" words in $VARIANTS (commas in
 # the flags stand for spaces); each variant's SASS of the GEMV goes to $OUT/sass-<name>.txt.
 #   VARIANTS="base= d2=-DCIUIC_GEMV_DEPTH=2" bash tests/gpu/probe.sh
+# PROBE_SCRIPT runs another probe per variant (default tests/gpu/probe_int4.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/out}
@@ -18,7 +19,7 @@ done
 wait
 for v in $VARIANTS; do
   name=${v%%=*}; flags=${v#*=}; flags=${flags//,/ }
-  CIUIC_CUDA_CACHE=/tmp/probe-$name CIUIC_NVCC_FLAGS="$flags" timeout 300 $PY tests/gpu/probe_int4.py "$name" \
+  CIUIC_CUDA_CACHE=/tmp/probe-$name CIUIC_NVCC_FLAGS="$flags" timeout 300 $PY ${PROBE_SCRIPT:-tests/gpu/probe_int4.py} "$name" \
     > "$OUT/probe-$name.log" 2>&1 || { echo "$name: failed"; tail -5 "$OUT/probe-$name.log"; }
   lib=$(ls /tmp/probe-$name/libciuic_kernels-*.so 2>/dev/null | head -1)
   if [ -n "$lib" ] && command -v cuobjdump > /dev/null; then
