@@ -8,15 +8,22 @@ device-to-device copy bandwidth of the same run:
   blocks of 4 warps (the GEMV's shape);
 - inter<U>: a block of 4 warps takes one row tile and a K range; warp j reads the units of U tiles
   j, j + 4, ... so that the block's loads in flight are adjacent in memory;
-- linear: every thread reads 16-byte vectors grid-stride over the whole array (the ideal).
+- linear: every thread reads 16-byte vectors grid-stride over the whole array (the ideal);
+- dyn (argument "dyn", then work levels): the warp pattern against persistent warps that take
+  (row tile, chunk) items by an atomic ticket and leave partial sums for the row's last item to add,
+  with WORK rounds of synthetic integer work per tile (0: loads only).
 
     python tests/gpu/probe_read.py      # prints one line per pattern and a JSON line "READ {...}"
+    python tests/gpu/probe_read.py dyn 0 16  # static against dynamic (ticketed) scheduling, per work level
+
+The fixed cost of a launch against its streaming rate: tests/gpu/probe_fixed.py.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import sys
 
 import cupy as cp
 
@@ -31,6 +38,17 @@ extern "C" __global__ void spin(long long cycles) {
   long long t0 = clock64();
   while (clock64() - t0 < cycles) {}
 }
+// synthetic work on one tile's words: WORK rounds of 4 independent integer chains (0: none)
+__device__ __forceinline__ void burn(const uint4 v, unsigned (&a)[4]) {
+#pragma unroll
+  for (int r = 0; r < WORK; ++r) {
+    a[0] = (a[0] * 0x9E3779B1u) ^ v.x;
+    a[1] = (a[1] * 0x85EBCA6Bu) ^ v.y;
+    a[2] = (a[2] >> 3) + (v.z ^ r);
+    a[3] = __funnelshift_l(a[3], v.w, 5) + a[0];
+  }
+  a[0] ^= v.x ^ v.y ^ v.z ^ v.w;
+}
 extern "C" __global__ void warp_stream(const uint4 *p, int nt, int kt, int tps, unsigned *sink) {
   extern __shared__ unsigned char pad[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -38,18 +56,19 @@ extern "C" __global__ void warp_stream(const uint4 *p, int nt, int kt, int tps, 
   if (rt >= nt) return;
   const int k0 = blockIdx.y * tps, k1 = min(kt, k0 + tps), n = k1 - k0;
   const uint4 *b = p + ((size_t)rt * kt + k0) * 32 + lane;
-  unsigned acc = 0;
+  unsigned a[4] = {0, 0, 0, 0};
   uint4 w[DEPTH];
 #pragma unroll
   for (int d = 0; d < DEPTH; ++d) w[d] = d < n ? ld(b + d * 32) : make_uint4(0, 0, 0, 0);
   for (int i = 0; i < n; i += DEPTH) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
-      acc ^= w[d].x ^ w[d].y ^ w[d].z ^ w[d].w;
+      const uint4 v = w[d];
       if (i + d + DEPTH < n) w[d] = ld(b + (i + d + DEPTH) * 32);
+      burn(v, a);
     }
   }
-  if (acc == 0x9E3779B9u) sink[0] = acc + pad[0];
+  if ((a[0] ^ a[1] ^ a[2] ^ a[3]) == 0x9E3779B9u) sink[0] = 1 + pad[0];
 }
 extern "C" __global__ void inter(const uint4 *p, int nt, int kt, int tps, int unit, unsigned *sink) {
   extern __shared__ unsigned char pad[];
@@ -79,6 +98,65 @@ extern "C" __global__ void inter(const uint4 *p, int nt, int kt, int tps, int un
   }
   if (acc == 0x9E3779B9u) sink[0] = acc + pad[0];
 }
+// dynamic: persistent warps take items (row tile, chunk of `chunk` tiles) by ticket; the next item's
+// first tiles are loaded while the current one ends; each item leaves a partial (128 bytes), and the
+// last item of a row tile (counter) reads the row's partials back, as a split-K reduction would.
+// Tickets are base-relative: a launch takes exactly items + warps tickets.
+extern "C" __global__ void dyn_work(const uint4 *p, int nt, int kt, int chunk, unsigned *ctr, long long base,
+                                    float *part, int *rowctr, unsigned *sink) {
+  extern __shared__ unsigned char pad[];
+  const int lane = threadIdx.x & 31;
+  const int nch = (kt + chunk - 1) / chunk;
+  const long long total = (long long)nt * nch;
+  auto ticket = [&]() -> long long {
+    unsigned t = 0;
+    if (lane == 0) t = atomicAdd(ctr, 1u);
+    return (long long)__shfl_sync(0xFFFFFFFFu, t, 0) - base;
+  };
+  long long cur = ticket();
+  if (cur >= total) return;
+  long long nxt = ticket();
+  int rt = (int)(cur / nch), k0 = (int)(cur % nch) * chunk, n = min(kt, k0 + chunk) - k0;
+  const uint4 *b = p + ((size_t)rt * kt + k0) * 32 + lane;
+  unsigned a[4] = {0, 0, 0, 0};
+  uint4 w[DEPTH];
+#pragma unroll
+  for (int d = 0; d < DEPTH; ++d) w[d] = d < n ? ld(b + d * 32) : make_uint4(0, 0, 0, 0);
+  while (true) {
+    const bool more = nxt < total;
+    const int nrt = more ? (int)(nxt / nch) : 0, nk0 = more ? (int)(nxt % nch) * chunk : 0;
+    const int nn = more ? min(kt, nk0 + chunk) - nk0 : 0;
+    const uint4 *nb = p + ((size_t)nrt * kt + nk0) * 32 + lane;
+    for (int i = 0; i < n; i += DEPTH) {
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d) {
+        const uint4 v = w[d];
+        const int j = i + d + DEPTH;
+        if (j < n) w[d] = ld(b + j * 32);
+        else if (j - n < nn) w[d] = ld(nb + (j - n) * 32);
+        burn(v, a);
+      }
+    }
+    part[cur * 32 + lane] = (float)(a[0] ^ a[1]);
+    __threadfence();
+    int last = 0;
+    if (lane == 0) last = atomicAdd(rowctr + rt, 1) == nch - 1;
+    if (__shfl_sync(0xFFFFFFFFu, last, 0)) {
+      __threadfence();
+      float s = 0.0f;
+      for (int q = 0; q < nch; ++q) s += __ldcg(part + ((long long)rt * nch + q) * 32 + lane);
+      if (lane == 0) rowctr[rt] = 0;
+      if (s == 1.2345f) sink[1] = 1;
+    }
+    if (!more) break;
+    cur = nxt;
+    rt = nrt;
+    b = nb;
+    n = nn;
+    nxt = ticket();
+  }
+  if ((a[0] ^ a[1] ^ a[2] ^ a[3]) == 0x9E3779B9u) sink[0] = 1 + pad[0];
+}
 extern "C" __global__ void linear(const uint4 *p, long long n, unsigned *sink) {
   const long long stride = (long long)gridDim.x * blockDim.x;
   long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -97,7 +175,7 @@ extern "C" __global__ void linear(const uint4 *p, long long n, unsigned *sink) {
 
 NT, KT = 1152, 112
 SMS = cp.cuda.Device().attributes["MultiProcessorCount"]
-mods = {d: cp.RawModule(code=SRC, options=("-std=c++17", f"-DDEPTH={d}")) for d in (1, 2, 4, 8)}
+mods = {d: cp.RawModule(code=SRC, options=("-std=c++17", f"-DDEPTH={d}", "-DWORK=0")) for d in (1, 2, 4, 8)}
 bufs = [cp.random.randint(0, 1 << 30, size=NT * KT * 128, dtype=cp.uint32) for _ in range(4)]
 nbytes = bufs[0].nbytes
 sink = cp.zeros(4, dtype=cp.uint32)
@@ -130,6 +208,37 @@ def report(name, us):
     res["rows"].append({"pattern": name, "us": round(us, 2), "pct_copy": round(pct, 1)})
     print(f"{name:>28} {us:7.2f} us {pct:5.1f}% of copy", flush=True)
 
+
+if sys.argv[1:2] == ["dyn"]:
+    # static against dynamic scheduling of the same tiles, loads only and with synthetic work per tile;
+    # both at 28 resident warps per multiprocessor (blocks of 4 warps, 7 a multiprocessor by shared memory)
+    pad = (cp.cuda.Device().attributes["MaxSharedMemoryPerMultiprocessor"] // 7) - 1024
+    ctr = cp.zeros(1, dtype=cp.uint32)
+    rowctr = cp.zeros(NT, dtype=cp.int32)
+    part = cp.zeros(NT * KT * 32, dtype=cp.float32)
+    launches = [0]
+    for work in [int(w) for w in sys.argv[2:]] or [0, 16]:
+        mod = cp.RawModule(code=SRC, options=("-std=c++17", "-DDEPTH=4", f"-DWORK={work}"))
+        fs, fd = mod.get_function("warp_stream"), mod.get_function("dyn_work")
+        fs.max_dynamic_shared_size_bytes = pad
+        fd.max_dynamic_shared_size_bytes = pad
+        for splits in (3, 4):
+            tps = (KT + splits - 1) // splits
+            report(f"static work{work} s{splits}",
+                   timed(lambda b: fs((NT // 4, splits), (128,), (b, NT, KT, tps, sink), shared_mem=pad)))
+        warps = SMS * 7 * 4
+        for chunk in (4, 8, 16):
+            items = NT * ((KT + chunk - 1) // chunk)
+
+            def launch(b):
+                base = launches[0] * (items + warps)
+                launches[0] += 1
+                fd((SMS * 7,), (128,), (b, NT, KT, chunk, ctr, cp.int64(base), part, rowctr, sink), shared_mem=pad)
+            ctr.fill(0)
+            launches[0] = 0
+            report(f"dynamic work{work} chunk{chunk}", timed(launch))
+    print("READ " + json.dumps(res))
+    raise SystemExit(0)
 
 for d in (1, 2, 4, 8):
     f = mods[d].get_function("linear")
