@@ -27,6 +27,23 @@ def test_native_sources_found():
     assert kc.native_dir() == NATIVE
 
 
+def test_wheel_carries_the_sources():
+    """An installed package (no checkout around it) finds the sources in ciuic_lab/_native: that is a
+    link to native/, and pyproject's package data takes every source through it."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[2]
+    link = root / "ciuic_lab" / "_native"
+    assert link.is_symlink() and link.resolve() == (root / "native").resolve()
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["ciuic_lab"]
+    sources = [p.name for p in (root / "native").iterdir() if p.suffix in (".cu", ".cuh", ".h")]
+    assert "ciuic_kernels.h" in sources and "api.cu" in sources
+    for name in sources:
+        assert any(fnmatch.fnmatch(f"_native/{name}", g) for g in globs), f"{name} is not in the wheel"
+    assert (link / "ciuic_kernels.h").read_bytes() == (root / "native" / "ciuic_kernels.h").read_bytes()
+
+
 def test_header_is_the_cffi_cdef():
     ffi = kc.make_ffi()
     lib = ffi.dlopen(None)  # constants of the cdef, without the library
