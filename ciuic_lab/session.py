@@ -47,6 +47,7 @@ from .measure import EvalSet, Snapshot, compare, site_errors, weight_bytes
 from .measure.evalset import evalset as get_evalset
 from .measure.snapshot import heldout_ids, peak_rss_mb, snapshot, time_prefill
 from .models import Loaded, embedded_names, load
+from .models.cache import cache_kwargs, cache_of
 from .plan import KEEP_CONFIG, Plan, SiteConfig, keep_plan, matches, resolve
 from .quant import QTensor, QuantSpec, dequantize, quantize
 from .quant.spec import FP8_BLOCK, INT_BITS, KEEP
@@ -791,12 +792,12 @@ class Session:
         if len(out) >= limit or (out and out[-1] == eos):
             return out
         o = model(input_ids=torch.tensor([prompt + out], device=dev), use_cache=True)
-        past = o.past_key_values
+        past = cache_of(o)
         nxt = o.logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(nxt))
         while len(out) < limit and out[-1] != eos:
-            o = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past = o.past_key_values
+            o = model(input_ids=nxt, **cache_kwargs(model, past), use_cache=True)
+            past = cache_of(o)
             nxt = o.logits[:, -1].argmax(-1, keepdim=True)
             out.append(int(nxt))
         return out
@@ -1333,13 +1334,13 @@ def _timed_decode(model: nn.Module, prompts: list[list[int]], new_tokens: int,
         n = 0
         for prompt in prompts:
             o = model(input_ids=torch.tensor([prompt], device=dev), use_cache=True)
-            past, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+            past, nxt = cache_of(o), o.logits[:, -1].argmax(-1, keepdim=True)
             for _ in range(new_tokens - 1):
                 if on_step:
                     on_step(True)
                 t0 = time.perf_counter()
-                o = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past, nxt = o.past_key_values, o.logits[:, -1].argmax(-1, keepdim=True)
+                o = model(input_ids=nxt, **cache_kwargs(model, past), use_cache=True)
+                past, nxt = cache_of(o), o.logits[:, -1].argmax(-1, keepdim=True)
                 int(nxt[0, 0])
                 if record is not None:
                     record.append((time.perf_counter() - t0) * 1e3)

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from ..errors import CiuicError
 from ..kernels.cuda import GEMV_STAGINGS, STAGE_CHUNK, STAGE_NAMES, STAGE_WHOLE, tune_splits
 from ..kernels.reference import moe_reference
+from ..models.cache import cache_kwargs
 from ..quant import QuantSpec, dequantize, quantize
 
 # DeepSeek-V3 projections, (K inputs, N outputs)
@@ -526,13 +527,13 @@ def _decode_tokens_per_s(model, prompt_len: int, new_tokens: int, graphs: bool, 
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=dev)
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(prompt_len, device=dev),
+        out = model(input_ids=ids, **cache_kwargs(model, cache), cache_position=torch.arange(prompt_len, device=dev),
                     use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
         pos = torch.tensor([prompt_len], device=dev)
 
         def step():
-            o = model(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos[None], use_cache=True)
+            o = model(input_ids=tok, **cache_kwargs(model, cache), cache_position=pos, position_ids=pos[None], use_cache=True)
             tok.copy_(o.logits[:, -1:].argmax(-1))
             pos.add_(1)
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from ..models.cache import cache_kwargs, cache_of
+
 # about 1.1 B parameters: 12 layers (1 dense + 11 MoE with 8 routed experts, 4 active, 1 shared), MLA
 LARGE_CONFIG: dict[str, Any] = dict(
     vocab_size=32000, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
@@ -62,13 +64,13 @@ def n_params(model: torch.nn.Module) -> int:
 def decode_times(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[list[float], list[int]]:
     """Greedy decode with the KV cache; per-token wall times of the decode steps and the tokens."""
     out = model(input_ids=prompt, use_cache=True)
-    past = out.past_key_values
+    past = cache_of(out)
     nxt = out.logits[:, -1:].argmax(-1)
     times, toks = [], []
     for _ in range(new_tokens):
         t0 = time.perf_counter()
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt, **cache_kwargs(model, past), use_cache=True)
+        past = cache_of(out)
         nxt = out.logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - t0)
         toks.append(int(nxt))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import CiuicError
+from ..models.cache import cache_kwargs, cache_of
 from ..sites import Site
 from .evalset import EvalSet, evalset as get_evalset, token_ids
 
@@ -84,7 +85,7 @@ def greedy(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, step_m
     dev = _device(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(dev)
     out = model(input_ids=ids, use_cache=True)
-    past = out.past_key_values
+    past = cache_of(out)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     new = [int(nxt)]
     eos = tokenizer.eos_token_id
@@ -93,8 +94,8 @@ def greedy(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, step_m
             break
         _sync(dev)
         t0 = time.perf_counter()
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt, **cache_kwargs(model, past), use_cache=True)
+        past = cache_of(out)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         new.append(int(nxt))  # int() synchronizes
         if step_ms is not None:

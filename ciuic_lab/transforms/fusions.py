@@ -333,6 +333,8 @@ class FusedMLA(nn.Module):
         return torch.where(j <= i, 0.0, float("-inf")).to(dtype)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        if past_key_values is None:  # transformers >= 5.24 passes the cache as `cache`
+            past_key_values = kwargs.get("cache")
         b, q_len, _ = hidden_states.shape
         if self.absorb and q_len <= 4 and self.kv_cache == "latent":
             return self._forward_absorbed(hidden_states, position_embeddings, attention_mask, past_key_values), None

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ciuic_lab as cl
+from ciuic_lab.models.cache import cache_kwargs, cache_of
 
 pytestmark = pytest.mark.gpu
 
@@ -92,7 +93,7 @@ def test_bf16_decode_with_every_fusion_and_int4_agrees_with_unfused():
     def step_logits(m):
         out = m(ids, use_cache=True)
         nxt.append(nxt[0] if nxt else out.logits[:, -1:].argmax(-1))
-        return m(nxt[0], past_key_values=out.past_key_values, use_cache=True).logits[0, -1].double()
+        return m(nxt[0], **cache_kwargs(m, cache_of(out)), use_cache=True).logits[0, -1].double()
 
     def shared_expert_in_the_grouped_launch(m):
         moes = [mod for mod in m.modules() if isinstance(mod, FusedMoE)]

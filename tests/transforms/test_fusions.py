@@ -6,6 +6,7 @@ from transformers import DeepseekV3Config
 
 from ciuic_lab import apply, load_recipe, resolve, revert
 from ciuic_lab.measure import fingerprint
+from ciuic_lab.models.cache import cache_kwargs, cache_of
 from ciuic_lab.recipe import FUSIONS
 from ciuic_lab.transforms import describe
 from ciuic_lab.transforms.fusions import FusedMLA, FusedMoE, kv_cache_bytes_per_token, kv_cache_report
@@ -31,7 +32,7 @@ def shaped(tiny):
 def _prefill_and_step(model, ids):
     out = model(ids, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
-    step = model(nxt, past_key_values=out.past_key_values, use_cache=True).logits
+    step = model(nxt, **cache_kwargs(model, cache_of(out)), use_cache=True).logits
     return out.logits.clone(), step.clone()
 
 
@@ -155,12 +156,12 @@ def test_rotary_as_one_product_is_transformers_rotary_bit_for_bit(interleave):
 def _padded_steps(model, ids, mask, steps):
     """Prefill a left-padded batch, then feed each block of ``steps`` (a few tokens at a time)."""
     out = model(ids, attention_mask=mask, use_cache=True)
-    logits, past = [out.logits.clone()], out.past_key_values
+    logits, past = [out.logits.clone()], cache_of(out)
     for s in steps:
         mask = torch.cat([mask, torch.ones_like(s)], dim=1)
-        out = model(s, attention_mask=mask, past_key_values=past, use_cache=True)
+        out = model(s, attention_mask=mask, **cache_kwargs(model, past), use_cache=True)
         logits.append(out.logits.clone())
-        past = out.past_key_values
+        past = cache_of(out)
     short = model(ids[:, -3:], use_cache=True).logits.clone()  # a prompt of <= 4 tokens: absorbed from the start
     return logits, short
 
@@ -285,13 +286,13 @@ def test_trained_model_all_fusions_same_greedy_tokens_on_the_evaluation_prompts(
         for prompt in evalset("standard").prompts:
             ids = tok(prompt, return_tensors="pt").input_ids
             o = m(ids, use_cache=True)
-            logits, past, new = [o.logits[0].clone()], o.past_key_values, []
+            logits, past, new = [o.logits[0].clone()], cache_of(o), []
             nxt = o.logits[:, -1:].argmax(-1)
             for _ in range(64):
                 new.append(int(nxt))
-                o = m(nxt, past_key_values=past, use_cache=True)
+                o = m(nxt, **cache_kwargs(m, past), use_cache=True)
                 logits.append(o.logits[0].clone())
-                past, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+                past, nxt = cache_of(o), o.logits[:, -1:].argmax(-1)
             out.append((new, logits))
         return out
 
