@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from ciuic_lab.kernels.cuda import CUDA, DT, LIBRARY, _ptr, build
+from ciuic_lab.kernels.cuda import CUDA, DT, LIBRARY, STAGE_GEMV_RS, _ptr, build
 from ciuic_lab.measure.bench_cuda import time_calls
 from ciuic_lab.quant import QuantSpec, quantize
 
@@ -57,56 +57,48 @@ for b in bufs:
     b.zero_()
 us = time_calls([lambda w=w: launch(w) for w in ws], reps=reps, warmup=10, tries=1)["us"]
 torch.cuda.synchronize()
-rows = []
-for b in bufs[-reps:]:
-    a = b.view(-1, 8)[:, :5].to(torch.int64).cpu()
-    live = a[:, 0] != 0
-    a = a[live]
-    t = a[:, :4] & 0xFFFFFFFF
-    t0 = t[:, 0].min()
-    rel = ((t - t0) % (1 << 32)).double() / 1e3  # µs from the first entry
-    rows.append(rel)
-qs = (0.0, 0.1, 0.5, 0.9, 1.0)
-names = ("entry", "loop start", "loop end", "exit")
-out = {"event_us": us, "warps": int(rows[0].shape[0]), "k": k, "n": n, "staging": staging}
-print(f"{k}->{n} staging {staging}: event time {us:.2f} us, {rows[0].shape[0]} warps; µs from the first entry "
-      f"(medians over {len(rows)} launches)")
-for j, name in enumerate(names):
-    v = [statistics.median(float(torch.quantile(r[:, j], q)) for r in rows) for q in qs]
-    out[name] = v
-    print(f"  {name:>10}: " + "  ".join(f"p{int(q * 100)} {x_:6.2f}" for q, x_ in zip(qs, v)))
-# who ends last: loop ends by slice (warp % S of its block, S from the staging) and by how many warps
-# share the multiprocessor, over all launches
-S = {4: 3, 5: 7, 6: 3, 7: 7}.get(staging, 1)
-by_slice, by_load = {}, {}
-for b in bufs[-reps:]:
+# the block shape: R row tiles x S slices (the GEMV stagings), else 4 row tiles of one slice
+R, S = {st: rs for rs, st in STAGE_GEMV_RS.items()}.get(staging, (4, 1))
+wpb = R * S  # warps per block; warp w of the grid is slice (w % wpb) % S of block w // wpb
+
+
+def decoded(b):
+    """One launch's stamps: warp ids, their 4 times in µs from the first entry, their multiprocessors."""
     a = b.view(-1, 8)[:, :5].to(torch.int64).cpu()
     idx = torch.nonzero(a[:, 0] != 0).flatten()
     a = a[idx]
-    t = (a[:, :4] - a[:, 0].min()) % (1 << 32)
-    sm = a[:, 4]
+    t = ((a[:, :4] - a[:, 0].min()) % (1 << 32)).double() / 1e3
+    return idx, t, a[:, 4]
+
+
+launches = [decoded(b) for b in bufs[-reps:]]
+qs = (0.0, 0.1, 0.5, 0.9, 1.0)
+names = ("entry", "loop start", "loop end", "exit")
+out = {"event_us": us, "warps": int(launches[0][0].numel()), "k": k, "n": n, "staging": staging}
+print(f"{k}->{n} staging {staging}: event time {us:.2f} us, {out['warps']} warps; µs from the first entry "
+      f"(medians over {len(launches)} launches)")
+for j, name in enumerate(names):
+    v = [statistics.median(float(torch.quantile(t[:, j], q)) for _, t, _ in launches) for q in qs]
+    out[name] = v
+    print(f"  {name:>10}: " + "  ".join(f"p{int(q * 100)} {x_:6.2f}" for q, x_ in zip(qs, v)))
+# who ends last: loop ends by slice and by how many warps share the multiprocessor, over all launches
+by_slice, by_load = {}, {}
+for idx, t, sm in launches:
     per_sm = torch.bincount(sm, minlength=int(sm.max()) + 1)
     for w, te, smi in zip(idx.tolist(), t[:, 2].tolist(), sm.tolist()):
-        by_slice.setdefault((w % (3 * S if S == 3 else 2 * S)) % S, []).append(te / 1e3)
-        by_load.setdefault(int(per_sm[smi]), []).append(te / 1e3)
-# is the spread per warp or per block / multiprocessor? For the warps of slices with the same tiles
-# (3 x 3: slices 0 and 1; 2 x 7: 0-5): the range of loop ends inside a block, against the range of
-# the blocks' medians, and of the multiprocessors' medians
-if S in (3, 7):
-    wpb = 9 if S == 3 else 14
-    full = (0, 1) if S == 3 else tuple(range(6))
+        by_slice.setdefault((w % wpb) % S, []).append(te)
+        by_load.setdefault(int(per_sm[smi]), []).append(te)
+# is the spread per warp or per block / multiprocessor? For the warps of the slices with whole ranges
+# (all but the last): the range of loop ends inside a block, against the range of the blocks' medians,
+# and of the multiprocessors' medians
+if S > 1:
     inb, blk_med, sm_med = [], [], []
-    for b in bufs[-reps:]:
-        a = b.view(-1, 8)[:, :5].to(torch.int64).cpu()
-        t = ((a[:, 2] - a[a[:, 0] != 0, 0].min()) % (1 << 32)).double() / 1e3
-        w = torch.arange(a.shape[0])
-        keep = (a[:, 0] != 0) & torch.isin((w % wpb) % S, torch.tensor(full))
-        blk = w // wpb
-        per_blk = {}
-        per_sm = {}
-        for bi, ti, smi in zip(blk[keep].tolist(), t[keep].tolist(), a[keep, 4].tolist()):
-            per_blk.setdefault(bi, []).append(ti)
-            per_sm.setdefault(smi, []).append(ti)
+    for idx, t, sm in launches:
+        per_blk, per_sm = {}, {}
+        for w, te, smi in zip(idx.tolist(), t[:, 2].tolist(), sm.tolist()):
+            if (w % wpb) % S < S - 1:
+                per_blk.setdefault(w // wpb, []).append(te)
+                per_sm.setdefault(smi, []).append(te)
         inb.append(statistics.median(max(v) - min(v) for v in per_blk.values()))
         meds = sorted(statistics.median(v) for v in per_blk.values())
         blk_med.append(meds[-1] - meds[0])
@@ -123,8 +115,8 @@ out["loop_end_by_sm_warps"] = {k: [round(statistics.median(v), 2), round(max(v),
                                for k, v in sorted(by_load.items())}
 print("  loop end by slice [median, max, warps a launch]:", out["loop_end_by_slice"])
 print("  loop end by warps on the multiprocessor [median, max, warps a launch]:", out["loop_end_by_sm_warps"])
-loop = statistics.median(float((r[:, 2] - r[:, 1]).median()) for r in rows)
-epi = statistics.median(float((r[:, 3] - r[:, 2]).median()) for r in rows)
+loop = statistics.median(float((t[:, 2] - t[:, 1]).median()) for _, t, _ in launches)
+epi = statistics.median(float((t[:, 3] - t[:, 2]).median()) for _, t, _ in launches)
 out["loop_median_us"], out["epilogue_median_us"] = loop, epi
 print(f"  per warp: loop {loop:.2f} us, loop end -> exit {epi:.2f} us (medians)")
 print("TIMELINE " + json.dumps(out))
