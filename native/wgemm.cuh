@@ -195,15 +195,16 @@ __device__ __forceinline__ void zero_words(uint32_t zr, uint32_t &zlo, uint32_t 
   } else if constexpr (FMT == CIUIC_FMT_INT8 && BF16) {
     zlo = 0x4B000000u | (zr & 0xFFu);
     zhi = 0x4B000000u | ((zr >> 8) & 0xFFu);
-  } else if constexpr (FMT == CIUIC_FMT_INT4 && !BF16 && CIUIC_I4_F16FMA) {
-    // int4/fp16: zhi = -(64 + z) for the codes that sit 4 bits up (see dequant)
-    zlo = __byte_perm(zr, 0x64646464u, 0x4040);
-    const uint32_t t = (zr >> 4) & 0x0FF0u;
-    zhi = (t | (t << 16)) | 0xD400D400u;
   } else {
     const uint32_t mag = BF16 ? 0x43434343u : 0x64646464u;
     zlo = __byte_perm(zr, mag, 0x4040);
-    zhi = __byte_perm(zr, mag, 0x4141);
+    if constexpr (FMT == CIUIC_FMT_INT4 && !BF16 && CIUIC_I4_F16FMA) {
+      // int4/fp16: zhi = -(64 + z) for the codes that sit 4 bits up (see dequant)
+      const uint32_t t = (zr >> 4) & 0x0FF0u;
+      zhi = (t | (t << 16)) | 0xD400D400u;
+    } else {
+      zhi = __byte_perm(zr, mag, 0x4141);
+    }
   }
 }
 

@@ -526,14 +526,14 @@ def _decode_tokens_per_s(model, prompt_len: int, new_tokens: int, graphs: bool, 
     max_len = prompt_len + new_tokens + 64  # warm-up, capture and profiled steps come on top
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=dev)
+    kv = cache_kwargs(model, cache)
     with torch.no_grad():
-        out = model(input_ids=ids, **cache_kwargs(model, cache), cache_position=torch.arange(prompt_len, device=dev),
-                    use_cache=True)
+        out = model(input_ids=ids, **kv, cache_position=torch.arange(prompt_len, device=dev), use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
         pos = torch.tensor([prompt_len], device=dev)
 
         def step():
-            o = model(input_ids=tok, **cache_kwargs(model, cache), cache_position=pos, position_ids=pos[None], use_cache=True)
+            o = model(input_ids=tok, **kv, cache_position=pos, position_ids=pos[None], use_cache=True)
             tok.copy_(o.logits[:, -1:].argmax(-1))
             pos.add_(1)
 
