@@ -11,10 +11,13 @@ device-to-device copy bandwidth of the same run:
 - linear: every thread reads 16-byte vectors grid-stride over the whole array (the ideal);
 - dyn (argument "dyn", then work levels): the warp pattern against persistent warps that take
   (row tile, chunk) items by an atomic ticket and leave partial sums for the row's last item to add,
-  with WORK rounds of synthetic integer work per tile (0: loads only).
+  with WORK rounds of synthetic integer work per tile (0: loads only);
+- guided (argument "guided", then work levels): the same persistent warps, items big first and small
+  last, each ticket claimed an item ahead; partials kept (the bound) or added by fire-and-forget atomics.
 
     python tests/gpu/probe_read.py      # prints one line per pattern and a JSON line "READ {...}"
     python tests/gpu/probe_read.py dyn 0 16  # static against dynamic (ticketed) scheduling, per work level
+    python tests/gpu/probe_read.py guided 0 12  # static against guided scheduling (big items, then small)
 
 The fixed cost of a launch against its streaming rate: tests/gpu/probe_fixed.py.
 """
@@ -157,6 +160,84 @@ extern "C" __global__ void dyn_work(const uint4 *p, int nt, int kt, int chunk, u
   }
   if ((a[0] ^ a[1] ^ a[2] ^ a[3]) == 0x9E3779B9u) sink[0] = 1 + pad[0];
 }
+// guided: persistent warps take items by ticket, big items first and small ones last (NT x hn items
+// of hc tiles cover K tiles [0, hn hc), then NT x tn items of c tiles the rest), each ticket claimed one
+// item ahead (its atomic is in flight while the item before streams); the first item of each warp
+// by its index. PART 0: no
+// partial leaves the warp (the bound of what balancing can give); 1: each item adds its 32 partials to
+// the output with fire-and-forget atomics (red.global.add.f32, no fence). ctr: this launch's counter.
+extern "C" __global__ void guided(const uint4 *p, int nt, int kt, int hn, int hc, int c, unsigned *ctr,
+                                  float *out, unsigned *sink) {
+  extern __shared__ unsigned char pad[];
+  const int lane = threadIdx.x & 31;
+  const int h = hn * hc, tn = (kt - h + c - 1) / c;
+  const long long nhead = (long long)nt * hn, total = nhead + (long long)nt * tn;
+  auto claim = [&]() -> unsigned {
+    unsigned t = 0;
+    if (lane == 0) t = atomicAdd(ctr, 1u);
+    return t;
+  };
+  auto bcast = [&](unsigned t) -> long long { return (long long)__shfl_sync(0xFFFFFFFFu, t, 0); };
+  auto item = [&](long long t, int &rt, int &k0, int &n) {
+    if (t < nhead) {
+      rt = (int)(t % nt);
+      k0 = (int)(t / nt) * hc;
+      n = hc;
+    } else {
+      t -= nhead;
+      rt = (int)(t % nt);
+      k0 = h + (int)(t / nt) * c;
+      n = min(kt, k0 + c) - k0;
+    }
+  };
+  // the first item by warp index, the later ones by ticket (item W + ticket): no warp waits on the
+  // counter before its first loads; each ticket is claimed when the item before it starts and read
+  // only in that item's last body (item sizes are multiples of DEPTH)
+  const long long nw = (long long)gridDim.x * (blockDim.x >> 5);
+  long long cur = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (cur >= total) return;
+  unsigned tk = claim();
+  int rt, k0, n;
+  item(cur, rt, k0, n);
+  const uint4 *b = p + ((size_t)rt * kt + k0) * 32 + lane;
+  unsigned a[4] = {0, 0, 0, 0};
+  uint4 w[DEPTH];
+#pragma unroll
+  for (int d = 0; d < DEPTH; ++d) w[d] = ld(b + d * 32);
+  while (true) {
+    for (int i = 0; i + DEPTH < n; i += DEPTH) {
+#pragma unroll
+      for (int d = 0; d < DEPTH; ++d) {
+        const uint4 v = w[d];
+        w[d] = ld(b + (i + d + DEPTH) * 32);
+        burn(v, a);
+      }
+    }
+    const long long nxt = nw + bcast(tk);
+    const bool more = nxt < total;
+    int nrt = 0, nk0 = 0, nn = 0;
+    if (more) {
+      item(nxt, nrt, nk0, nn);
+      tk = claim();
+    }
+    const uint4 *nb = p + ((size_t)nrt * kt + nk0) * 32 + lane;
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const uint4 v = w[d];
+      if (more) w[d] = ld(nb + d * 32);
+      burn(v, a);
+    }
+#if PART == 1
+    atomicAdd(out + rt * 32 + lane, (float)(a[0] ^ a[1]));
+    a[0] = a[1] = 0;
+#endif
+    if (!more) break;
+    rt = nrt;
+    b = nb;
+    n = nn;
+  }
+  if ((a[0] ^ a[1] ^ a[2] ^ a[3]) == 0x9E3779B9u) sink[0] = 1 + pad[0];
+}
 extern "C" __global__ void linear(const uint4 *p, long long n, unsigned *sink) {
   const long long stride = (long long)gridDim.x * blockDim.x;
   long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -175,7 +256,7 @@ extern "C" __global__ void linear(const uint4 *p, long long n, unsigned *sink) {
 
 NT, KT = 1152, 112
 SMS = cp.cuda.Device().attributes["MultiProcessorCount"]
-mods = {d: cp.RawModule(code=SRC, options=("-std=c++17", f"-DDEPTH={d}", "-DWORK=0")) for d in (1, 2, 4, 8)}
+mods = {d: cp.RawModule(code=SRC, options=("-std=c++17", f"-DDEPTH={d}", "-DWORK=0", "-DPART=0")) for d in (1, 2, 4, 8)}
 bufs = [cp.random.randint(0, 1 << 30, size=NT * KT * 128, dtype=cp.uint32) for _ in range(4)]
 nbytes = bufs[0].nbytes
 sink = cp.zeros(4, dtype=cp.uint32)
@@ -209,6 +290,38 @@ def report(name, us):
     print(f"{name:>28} {us:7.2f} us {pct:5.1f}% of copy", flush=True)
 
 
+if sys.argv[1:2] == ["guided"]:
+    # static against guided dynamic scheduling (big items first, small last), loads only or with
+    # synthetic work; 28 resident warps per multiprocessor in both (blocks of 4 warps, 7 by shared memory)
+    pad = (cp.cuda.Device().attributes["MaxSharedMemoryPerMultiprocessor"] // 7) - 1024
+    warps = SMS * 7 * 4
+    out = cp.zeros(NT * 32, dtype=cp.float32)
+    plans = [(0, 0, 8), (0, 0, 16), (0, 0, 28), (3, 32, 4), (3, 32, 8), (2, 48, 4)]
+    for work in [int(w) for w in sys.argv[2:]] or [0]:
+        mods_g = {part: cp.RawModule(code=SRC, options=("-std=c++17", "-DDEPTH=4", f"-DWORK={work}", f"-DPART={part}"))
+                  for part in (0, 1)}
+        fs = mods_g[0].get_function("warp_stream")
+        fs.max_dynamic_shared_size_bytes = pad
+        for rep in range(2):
+            for splits in (3, 4):
+                tps = (KT + splits - 1) // splits
+                report(f"static work{work} s{splits}",
+                       timed(lambda b: fs((NT // 4, splits), (128,), (b, NT, KT, tps, sink), shared_mem=pad)))
+            for part in (0, 1):
+                fg = mods_g[part].get_function("guided")
+                fg.max_dynamic_shared_size_bytes = pad
+                for hn, hc, c in plans:
+                    ctrs = cp.zeros(64, dtype=cp.uint32)  # a counter per launch (timed() makes 45)
+                    launches = [0]
+
+                    def launch(b):
+                        i = launches[0]
+                        launches[0] += 1
+                        fg((SMS * 7,), (128,), (b, NT, KT, hn, hc, c, ctrs[i:], out, sink), shared_mem=pad)
+                    report(f"guided work{work} part{part} head {hn}x{hc} tail c{c}", timed(launch))
+    print("READ " + json.dumps(res))
+    raise SystemExit(0)
+
 if sys.argv[1:2] == ["dyn"]:
     # static against dynamic scheduling of the same tiles, loads only and with synthetic work per tile;
     # both at 28 resident warps per multiprocessor (blocks of 4 warps, 7 a multiprocessor by shared memory)
@@ -218,7 +331,7 @@ if sys.argv[1:2] == ["dyn"]:
     part = cp.zeros(NT * KT * 32, dtype=cp.float32)
     launches = [0]
     for work in [int(w) for w in sys.argv[2:]] or [0, 16]:
-        mod = cp.RawModule(code=SRC, options=("-std=c++17", "-DDEPTH=4", f"-DWORK={work}"))
+        mod = cp.RawModule(code=SRC, options=("-std=c++17", "-DDEPTH=4", f"-DWORK={work}", "-DPART=0"))
         fs, fd = mod.get_function("warp_stream"), mod.get_function("dyn_work")
         fs.max_dynamic_shared_size_bytes = pad
         fd.max_dynamic_shared_size_bytes = pad
