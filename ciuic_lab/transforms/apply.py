@@ -422,15 +422,24 @@ def revert(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------ reporting
 def backends_in_use(model: nn.Module) -> dict[str, str]:
-    """Site owner -> backend that ran its last forward (``simulated`` for routers and norms)."""
+    """Site owner -> backend that ran its last forward (``simulated`` for routers and norms).
+
+    A site whose weight a fused module ran (a stacked projection, the shared expert in the grouped MoE
+    launch, ``kv_b_proj`` absorbed into attention) gets the backend that ran it there."""
     st = state_of(model)
+    ran: dict[str, str] = {}
+    for m in model.modules():
+        if hasattr(m, "ran_for"):
+            ran.update(m.ran_for())
     out = {}
     for owner in st.modules:
         try:
             m = model.get_submodule(owner)
         except AttributeError:  # inside a fused module
             continue
-        out[owner] = getattr(m, "last_backend", None) or ("torch" if type(m) is nn.Linear else "not run yet")
+        # (what a fused module ran in its last forward is newer than the site module's own record)
+        out[owner] = (ran.get(owner) or getattr(m, "last_backend", None)
+                      or ("torch" if type(m) is nn.Linear else "not run yet"))
     for owner, _ in st.params:
         out[owner] = "simulated"
     return out

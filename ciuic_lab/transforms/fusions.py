@@ -38,6 +38,11 @@ from .modules import QuantExperts, QuantLinear, is_silu
 FUSABLE_ATTENTION = ("DeepseekV3Attention",)
 
 
+def _site_names(module: nn.Module) -> list[str]:
+    """The sites whose quantized weights ``module`` holds (a stacked projection's parts one by one)."""
+    return [part for m in module.modules() if isinstance(m, QuantLinear) and m.site for part in m.site.split("+")]
+
+
 # ------------------------------------------------------------------ stacking projections
 def stack_linears(mods: list[nn.Module]) -> tuple[nn.Module | None, str]:
     """One projection computing ``cat([m(x) for m in mods], -1)``, or (None, why not)."""
@@ -173,13 +178,23 @@ class FusedMoE(nn.Module):
         h = hidden_states.reshape(-1, shape[-1])
         pair = self._shared_pair()
         idx, w = self._select(h, shared=pair is not None)
+        self._pair_ran = False
         if pair is not None:
             # the shared expert as one more selected expert of weight 1, in the same grouped launch
             out = self.experts._grouped(h, idx, w, extra=pair)
             if out is not NotImplemented:
+                self._pair_ran = True
                 return out.view(shape)
             idx, w = idx[:, :-1], w[:, :-1]  # the backend declined: the routed experts, then the shared one
         return self.experts(h, idx, w).view(shape) + self.shared_experts(hidden_states)
+
+    def ran_for(self) -> dict[str, str]:
+        """After a forward that took the shared expert into the grouped launch: its sites -> the experts'
+        backend (its own modules did not run)."""
+        backend = getattr(self.experts, "last_backend", None)
+        if not getattr(self, "_pair_ran", False) or backend is None:
+            return {}
+        return {name: backend for name in _site_names(self.shared_experts)}
 
     def _select(self, h: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's experts and weights ``[T, top_k]``; with ``shared``, the shared expert's column
@@ -294,6 +309,14 @@ class FusedMLA(nn.Module):
             # the rotary embedding as one product with a fixed signed permutation (see rope_matrix)
             self.register_buffer("rope_mat", rope_matrix(self.dr, self._interleave, w.dtype).to(w.device), persistent=False)
 
+    def ran_for(self) -> dict[str, str]:
+        """After an absorbed (decode) forward: ``kv_b_proj`` (and ``q_b_proj`` where the query is
+        composed) ran as torch products on the absorbed weights, not through their own modules."""
+        if not getattr(self, "_absorbed_ran", False):
+            return {}
+        mods = [self.kv_b_proj] + ([getattr(self, "q_b_proj", None)] if self.w_q is not None else [])
+        return {name: "torch" for m in mods if m is not None for name in _site_names(m)}
+
     def _absorbed_query_weight(self, w_uk: torch.Tensor) -> torch.Tensor | None:
         """``W_uk^T`` composed with the no-rope rows of ``q_b_proj`` (and the rope rows after them), with
         ``q_a_layernorm``'s scale folded in: one projection from the normalized query latent straight to the
@@ -336,7 +359,8 @@ class FusedMLA(nn.Module):
         if past_key_values is None:  # transformers >= 5.24 passes the cache as `cache`
             past_key_values = kwargs.get("cache")
         b, q_len, _ = hidden_states.shape
-        if self.absorb and q_len <= 4 and self.kv_cache == "latent":
+        self._absorbed_ran = self.absorb and q_len <= 4 and self.kv_cache == "latent"
+        if self._absorbed_ran:
             return self._forward_absorbed(hidden_states, position_embeddings, attention_mask, past_key_values), None
         if self.qkv_a is not None:
             q_lat, ckv = self.qkv_a(hidden_states)

@@ -58,6 +58,12 @@ class QuantLinear(nn.Module, _Kerneled):
         """Dense view of the quantized weight (for code that reads ``.weight``; computes, stores nothing)."""
         return dequantize(self.qt)
 
+    def ran_for(self) -> dict[str, str]:
+        """A stacked projection (site ``a+b``) runs its parts' weights: each part's site -> its backend."""
+        if "+" not in self.site or self.last_backend is None:
+            return {}
+        return {part: self.last_backend for part in self.site.split("+")}
+
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.qt.spec.label()}, layout={self.layout}"
 

@@ -59,7 +59,7 @@ def test_quant_linear_matches_dequantized_weight(tiny, tiny_sites):
     x = torch.randn(5, mod.in_features)
     ref = x @ dequantize(mod.qt).T
     assert torch.allclose(mod(x), ref, atol=1e-5)
-    assert set(backends_in_use(m).values()) <= {"torch", "numba", "not run yet"}
+    assert set(backends_in_use(m).values()) <= {"torch", "numba", "not run yet"}  # (no forward of the model yet)
     revert(m)
 
 

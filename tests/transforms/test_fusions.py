@@ -8,7 +8,7 @@ from ciuic_lab import apply, load_recipe, resolve, revert
 from ciuic_lab.measure import fingerprint
 from ciuic_lab.models.cache import cache_kwargs, cache_of
 from ciuic_lab.recipe import FUSIONS
-from ciuic_lab.transforms import describe
+from ciuic_lab.transforms import backends_in_use, describe
 from ciuic_lab.transforms.fusions import FusedMLA, FusedMoE, kv_cache_bytes_per_token, kv_cache_report
 
 ALL = {f: True for f in FUSIONS}
@@ -79,6 +79,13 @@ def test_fused_and_unfused_quantized_give_the_same_tokens(shaped, ids, recipe):
     if recipe == "int4-g128":  # the shared expert rode in the routed experts' grouped call
         moes = [mod for mod in m.modules() if isinstance(mod, FusedMoE)]
         assert moes and all(mod._shared is not None and mod._shared[1] is not None for mod in moes)
+        # every site is reported with what ran its weight in the last (decode) step, fused or not
+        used = backends_in_use(m)
+        assert "not run yet" not in used.values(), used
+        ran = m.model.layers[1].self_attn.qkv_a.fused.last_backend
+        assert ran and used["model.layers.1.self_attn.q_a_proj"] == ran
+        assert used["model.layers.1.self_attn.kv_b_proj"] == "torch"  # absorbed: torch products
+        assert used["model.layers.1.mlp.shared_experts.down_proj"] == m.model.layers[1].mlp.experts.last_backend
     revert(m)
 
 
