@@ -47,7 +47,7 @@ from .measure import EvalSet, Snapshot, compare, site_errors, weight_bytes
 from .measure.evalset import evalset as get_evalset
 from .measure.snapshot import heldout_ids, peak_rss_mb, snapshot, time_prefill
 from .models import Loaded, embedded_names, load
-from .models.cache import cache_kwargs, cache_of
+from .models.cache import greedy_steps
 from .plan import KEEP_CONFIG, Plan, SiteConfig, keep_plan, matches, resolve
 from .quant import QTensor, QuantSpec, dequantize, quantize
 from .quant.spec import FP8_BLOCK, INT_BITS, KEEP
@@ -791,15 +791,10 @@ class Session:
                 return out
         if len(out) >= limit or (out and out[-1] == eos):
             return out
-        o = model(input_ids=torch.tensor([prompt + out], device=dev), use_cache=True)
-        past = cache_of(o)
-        nxt = o.logits[:, -1].argmax(-1, keepdim=True)
-        out.append(int(nxt))
+        steps = greedy_steps(model, torch.tensor([prompt + out], device=dev))
+        out.append(int(next(steps)))
         while len(out) < limit and out[-1] != eos:
-            o = model(input_ids=nxt, **cache_kwargs(model, past), use_cache=True)
-            past = cache_of(o)
-            nxt = o.logits[:, -1].argmax(-1, keepdim=True)
-            out.append(int(nxt))
+            out.append(int(next(steps)))
         return out
 
     def _site_errors(self, plan: Plan) -> dict[str, Any]:
@@ -1333,15 +1328,13 @@ def _timed_decode(model: nn.Module, prompts: list[list[int]], new_tokens: int,
     def run(record: list[float] | None, on_step: Callable[[bool], None] | None = None) -> int:
         n = 0
         for prompt in prompts:
-            o = model(input_ids=torch.tensor([prompt], device=dev), use_cache=True)
-            past, nxt = cache_of(o), o.logits[:, -1].argmax(-1, keepdim=True)
+            steps = greedy_steps(model, torch.tensor([prompt], device=dev))
+            next(steps)  # the prompt's forward: not a decode step
             for _ in range(new_tokens - 1):
                 if on_step:
                     on_step(True)
                 t0 = time.perf_counter()
-                o = model(input_ids=nxt, **cache_kwargs(model, past), use_cache=True)
-                past, nxt = cache_of(o), o.logits[:, -1].argmax(-1, keepdim=True)
-                int(nxt[0, 0])
+                int(next(steps)[0, 0])
                 if record is not None:
                     record.append((time.perf_counter() - t0) * 1e3)
                 if on_step:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..models.cache import cache_kwargs, cache_of
+from ..models.cache import greedy_steps
 
 # about 1.1 B parameters: 12 layers (1 dense + 11 MoE with 8 routed experts, 4 active, 1 shared), MLA
 LARGE_CONFIG: dict[str, Any] = dict(
@@ -63,17 +63,13 @@ def n_params(model: torch.nn.Module) -> int:
 @torch.inference_mode()
 def decode_times(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[list[float], list[int]]:
     """Greedy decode with the KV cache; per-token wall times of the decode steps and the tokens."""
-    out = model(input_ids=prompt, use_cache=True)
-    past = cache_of(out)
-    nxt = out.logits[:, -1:].argmax(-1)
+    steps = greedy_steps(model, prompt)
+    next(steps)  # the prompt's forward
     times, toks = [], []
     for _ in range(new_tokens):
         t0 = time.perf_counter()
-        out = model(input_ids=nxt, **cache_kwargs(model, past), use_cache=True)
-        past = cache_of(out)
-        nxt = out.logits[:, -1:].argmax(-1)
+        toks.append(int(next(steps)))
         times.append(time.perf_counter() - t0)
-        toks.append(int(nxt))
     return times, toks
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import CiuicError
-from ..models.cache import cache_kwargs, cache_of
+from ..models.cache import greedy_steps
 from ..sites import Site
 from .evalset import EvalSet, evalset as get_evalset, token_ids
 
@@ -84,20 +84,15 @@ def greedy(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, step_m
     """Greedy decoding with the KV cache; per-step times (after the first) go to ``step_ms``."""
     dev = _device(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(dev)
-    out = model(input_ids=ids, use_cache=True)
-    past = cache_of(out)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    new = [int(nxt)]
+    steps = greedy_steps(model, ids)
+    new = [int(next(steps))]
     eos = tokenizer.eos_token_id
     for _ in range(max_new_tokens - 1):
         if eos is not None and new[-1] == eos:
             break
         _sync(dev)
         t0 = time.perf_counter()
-        out = model(input_ids=nxt, **cache_kwargs(model, past), use_cache=True)
-        past = cache_of(out)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        new.append(int(nxt))  # int() synchronizes
+        new.append(int(next(steps)))  # int() synchronizes
         if step_ms is not None:
             step_ms.append((time.perf_counter() - t0) * 1e3)
     return new

@@ -4,7 +4,7 @@ import warnings
 
 import torch
 
-from ciuic_lab.models.cache import cache_kwargs, cache_of
+from ciuic_lab.models.cache import cache_kwargs, cache_of, greedy_steps
 
 
 def test_a_cached_step_matches_the_full_forward_without_deprecation_warnings(tiny, ids):
@@ -26,3 +26,19 @@ def test_no_cache_returned_reads_as_none(tiny, ids):
         out = tiny.model(input_ids=ids, use_cache=False)
     assert cache_of(out) is None
     assert list(cache_kwargs(object(), 1)) == ["past_key_values"]  # no forward to read: the old name
+
+
+def test_greedy_steps_are_generate_greedy_and_run_one_forward_per_token(tiny, ids):
+    m = tiny.model.eval()
+    calls = []
+    hook = m.register_forward_hook(lambda mod, args, kw, out: calls.append(1), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            steps = greedy_steps(m, ids)
+            toks = torch.cat([next(steps) for _ in range(6)], dim=1)
+    finally:
+        hook.remove()
+    assert len(calls) == 6  # the prompt, then one per further token; nothing ahead of what was asked
+    with torch.no_grad():
+        ref = m.generate(ids, max_new_tokens=6, do_sample=False)[:, ids.shape[1]:]
+    assert torch.equal(toks, ref)
