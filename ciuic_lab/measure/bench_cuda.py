@@ -37,6 +37,7 @@ projection runs on max_cache_len rows every step, in both plans.
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -50,6 +51,7 @@ from ..kernels.cuda import GEMV_STAGINGS, STAGE_CHUNK, STAGE_NAMES, STAGE_WHOLE,
 from ..kernels.reference import moe_reference
 from ..models.cache import cache_kwargs
 from ..quant import QuantSpec, dequantize, quantize
+from ..recipe import FUSIONS
 
 # DeepSeek-V3 projections, (K inputs, N outputs)
 DEEPSEEK_V3_SHAPES = (
@@ -586,9 +588,20 @@ def _profile_top(run, steps: int = 5, keep: int = 12) -> list[dict[str, Any]]:
         return [{"error": f"{type(e).__name__}: {e}"[:200]}]
 
 
-def bench_decode_cuda(quick: bool = False, recipe: str = "int4-g128", prompt_len: int = 32,
+# The decode benchmark's default plan: int4 with groups of 128 and every fusion, the form in which the
+# kernels carry a decode step (without the fusions the experts run one launch each)
+DECODE_RECIPE: dict[str, Any] = {
+    "name": "int4-g128-fused",
+    "description": "every linear and expert at int4 with groups of 128, asymmetric; every fusion on",
+    "rules": [{"match": "*", "bits": 4, "scheme": "asym", "group": 128}],
+    "fusions": {f: True for f in FUSIONS},
+}
+
+
+def bench_decode_cuda(quick: bool = False, recipe: Any = None, prompt_len: int = 32,
                       new_tokens: int | None = None, graphs: bool = True, profile: bool = False) -> dict:
-    """Decode tokens/s of a DeepSeek-V3-architecture model on the GPU, bf16 vs a quantized plan."""
+    """Decode tokens/s of a DeepSeek-V3-architecture model on the GPU, bf16 vs a quantized plan
+    (``recipe``: anything :func:`ciuic_lab.resolve` takes; default :data:`DECODE_RECIPE`)."""
     _need_cuda()
     backend = _cuda_backend()
     from ..plan import resolve
@@ -601,7 +614,8 @@ def bench_decode_cuda(quick: bool = False, recipe: str = "int4-g128", prompt_len
     n_params = sum(p.numel() for p in model.parameters())
     impl_note = f"bf16 experts: {getattr(model.config, '_experts_implementation', None)}"
     base = _decode_tokens_per_s(model, prompt_len, new_tokens, graphs, profile)
-    plan = resolve(recipe, sites(model))
+    plan = resolve(copy.deepcopy(DECODE_RECIPE) if recipe is None else recipe, sites(model))
+    name = plan.recipe.name
     t0 = time.perf_counter()
     apply(model, plan)
     apply_s = time.perf_counter() - t0
@@ -615,12 +629,12 @@ def bench_decode_cuda(quick: bool = False, recipe: str = "int4-g128", prompt_len
                                        "num_experts_per_tok", "moe_intermediate_size", "intermediate_size")},
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
-        "recipe": recipe,
+        "recipe": plan.recipe.to_dict(),
         "apply_s": apply_s,
         "backends": used,
         "rows": [
             {"plan": "bf16", **base},
-            {"plan": recipe, **q},
+            {"plan": name, **q},
         ],
         "speedup": q["tokens_per_s"] / base["tokens_per_s"],
     }

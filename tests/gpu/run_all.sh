@@ -93,8 +93,8 @@ if has sanitize; then
 fi
 
 if has decode; then
-  # DECODE_RECIPE: a recipe name or JSON (default int4-g128)
-  DECODE_RECIPE=${DECODE_RECIPE:-int4-g128} timeout $T $PY -c "import json, os; from ciuic_lab.measure.bench_cuda import bench_decode_cuda as b; print(json.dumps(b(recipe=os.environ['DECODE_RECIPE'], profile=bool('${DECODE_PROFILE:-}')), indent=1))" \
+  # DECODE_RECIPE: a recipe name or JSON (default: the benchmark's, int4-g128 with every fusion)
+  DECODE_RECIPE=${DECODE_RECIPE:-} timeout $T $PY -c "import json, os; from ciuic_lab.measure.bench_cuda import bench_decode_cuda as b; print(json.dumps(b(recipe=os.environ['DECODE_RECIPE'] or None, profile=bool('${DECODE_PROFILE:-}')), indent=1))" \
     > "$OUT/bench_decode.json" 2>> "$ERR"
   note "bench decode: rc=$? $(elapsed)"
   $PY -c "
