@@ -466,11 +466,14 @@ class FusedMLA(nn.Module):
 
         Every layer of a step receives the very same ``(cos, sin)`` tensors, so the last one is kept
         (on the class; the entry holds the tensors themselves, so their identity cannot be reused, and
-        their version counters, so a tensor changed in place is not mistaken for the one seen).
+        their version counters, so a tensor changed in place is not mistaken for the one seen). Tensors
+        made under ``torch.inference_mode()`` have no version counter: those are matched by identity
+        alone (the model makes them afresh every step and nothing writes to them within one).
         """
         cos, sin = position_embeddings
         e = FusedMLA._cs
-        key = (cos._version, sin._version, self._interleave, dtype)
+        versions = (-1, -1) if cos.is_inference() or sin.is_inference() else (cos._version, sin._version)
+        key = (*versions, self._interleave, dtype)
         if e and e[0] is cos and e[1] is sin and e[2] == key:
             return e[3]
         cs = rope_cos_sin(cos, sin, self._interleave, dtype)

@@ -6,7 +6,7 @@ from transformers import DeepseekV3Config
 
 from ciuic_lab import apply, load_recipe, resolve, revert
 from ciuic_lab.measure import fingerprint
-from ciuic_lab.models.cache import cache_kwargs, cache_of
+from ciuic_lab.models.cache import cache_kwargs, cache_of, greedy_steps
 from ciuic_lab.recipe import FUSIONS
 from ciuic_lab.transforms import backends_in_use, describe
 from ciuic_lab.transforms.fusions import FusedMLA, FusedMoE, kv_cache_bytes_per_token, kv_cache_report
@@ -190,6 +190,19 @@ def test_absorbed_attention_batches_padding_and_few_token_steps(shaped, fusions)
         assert _rel(a[1], b[1]) < 1e-4  # the unpadded row
         assert _rel(a[0, -1], b[0, -1]) < 1e-4  # the padded row's newest token
     assert _rel(got_short, ref_short) < 1e-4
+
+
+def test_every_fusion_decodes_under_inference_mode(shaped, ids):
+    """torch.inference_mode() (what serving code and the CPU decode benchmark use) makes tensors with
+    no version counter; the fused attention's per-step rotary cache must take them."""
+    m = shaped.model
+    apply(m, resolve({"rules": [{"match": "*", "bits": 4, "group": 128}], "fusions": ALL}, __import__("ciuic_lab").sites(m)))
+    ref = _gen(m, ids)
+    with torch.inference_mode():
+        steps = greedy_steps(m, ids)
+        got = torch.cat([next(steps) for _ in range(ref.shape[1] - ids.shape[1])], dim=1)
+    revert(m)
+    assert torch.equal(got, ref[:, ids.shape[1]:])
 
 
 def _mla(cfg_kw):
