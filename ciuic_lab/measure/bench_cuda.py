@@ -51,7 +51,7 @@ from ..kernels.cuda import GEMV_STAGINGS, STAGE_CHUNK, STAGE_NAMES, STAGE_WHOLE,
 from ..kernels.reference import moe_reference
 from ..models.cache import cache_kwargs
 from ..quant import QuantSpec, dequantize, quantize
-from ..recipe import FUSIONS
+from ..recipe import FUSIONS, PRESETS
 
 # DeepSeek-V3 projections, (K inputs, N outputs)
 DEEPSEEK_V3_SHAPES = (
@@ -591,9 +591,9 @@ def _profile_top(run, steps: int = 5, keep: int = 12) -> list[dict[str, Any]]:
 # The decode benchmark's default plan: int4 with groups of 128 and every fusion, the form in which the
 # kernels carry a decode step (without the fusions the experts run one launch each)
 DECODE_RECIPE: dict[str, Any] = {
+    **PRESETS["int4-g128"],
     "name": "int4-g128-fused",
-    "description": "every linear and expert at int4 with groups of 128, asymmetric; every fusion on",
-    "rules": [{"match": "*", "bits": 4, "scheme": "asym", "group": 128}],
+    "description": PRESETS["int4-g128"]["description"] + "; every fusion on",
     "fusions": {f: True for f in FUSIONS},
 }
 

@@ -150,6 +150,7 @@ class FusedMoE(nn.Module):
 
     def __init__(self, moe: nn.Module):
         super().__init__()
+        self._pair_ran = False  # the last forward took the shared expert into the grouped launch (ran_for)
         self.experts, self.gate, self.shared_experts = moe.experts, moe.gate, moe.shared_experts
         g = moe.gate
         self.simple_router = getattr(g, "num_group", 1) == 1 and getattr(g, "topk_group", 1) == 1
@@ -192,7 +193,7 @@ class FusedMoE(nn.Module):
         """After a forward that took the shared expert into the grouped launch: its sites -> the experts'
         backend (its own modules did not run)."""
         backend = getattr(self.experts, "last_backend", None)
-        if not getattr(self, "_pair_ran", False) or backend is None:
+        if not self._pair_ran or backend is None:
             return {}
         return {name: backend for name in _site_names(self.shared_experts)}
 
@@ -294,6 +295,7 @@ class FusedMLA(nn.Module):
         self.qkv_a = qkv_a
         self.absorb = absorb
         self.kv_cache = kv_cache
+        self._absorbed_ran = False  # the last forward took the absorbed path (ran_for)
         self._rope = _rope_fns(attn)
         self.is_causal = True
         self._interleave = bool(getattr(cfg, "rope_interleave", False))
@@ -312,9 +314,9 @@ class FusedMLA(nn.Module):
     def ran_for(self) -> dict[str, str]:
         """After an absorbed (decode) forward: ``kv_b_proj`` (and ``q_b_proj`` where the query is
         composed) ran as torch products on the absorbed weights, not through their own modules."""
-        if not getattr(self, "_absorbed_ran", False):
+        if not self._absorbed_ran:
             return {}
-        mods = [self.kv_b_proj] + ([getattr(self, "q_b_proj", None)] if self.w_q is not None else [])
+        mods = [self.kv_b_proj] + ([self.q_b_proj] if self.w_q is not None else [])
         return {name: "torch" for m in mods if m is not None for name in _site_names(m)}
 
     def _absorbed_query_weight(self, w_uk: torch.Tensor) -> torch.Tensor | None:
