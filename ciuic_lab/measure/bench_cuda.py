@@ -19,7 +19,10 @@ back to back in one captured CUDA graph (as a captured decode step runs them: no
 between calls, each launch's own start and tail kept). ``launch_fit`` times int4 batch 1 at N = 18432
 over four K and fits each kernel to ``us = fixed + bytes / rate``: how fast it streams its weight,
 apart from what each launch costs whatever its size (which is why a 70 MB weight cannot show the
-streaming rate in its isolated time).
+streaming rate in its isolated time). ``empty_launch_us`` is an empty kernel timed both ways: the
+floor of every row; the figure ``*_isolated_ceiling_pct_copy_bw`` is what a kernel would show
+isolated if it read its bytes at exactly the copy bandwidth from its first instant to its last and
+cost nothing beyond that empty launch.
 
 ``moe_rows`` time the two grouped MoE launches for one decode token (int4 g128 experts; the decode
 benchmark's experts and DeepSeek-V3's, the shared expert as one more slot), each against the same
@@ -173,6 +176,14 @@ def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / (t * 1e-6) / 1e9
+
+
+def isolated_ceiling_pct(nbytes: int, copy_gbs: float, floor_us: float) -> float:
+    """Percent of the copy bandwidth an isolated launch shows if it streams ``nbytes`` at exactly the
+    copy bandwidth from its first instant to its last, and costs nothing beyond an empty launch timed
+    the same way (``floor_us``): events and launch included, no ramp-up, no tail."""
+    stream_us = nbytes / copy_gbs / 1e3
+    return 100.0 * stream_us / (floor_us + stream_us)
 
 
 def _copies(nbytes: int, l2_bytes: int) -> int:
@@ -339,7 +350,11 @@ def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
         out["tinygemm_error"] = tg_error
     if sweeps:
         out["splits_sweep"] = sweeps
-    out["figures"] = _figures(rows, copy_gbs)
+    empty = [lambda: torch.cuda._sleep(0)]  # one block that returns at once: every launch's floor
+    out["empty_launch_us"] = {"isolated": time_calls(empty, reps=reps)["us"]}
+    if chained:
+        out["empty_launch_us"]["chained"] = time_chain(empty)
+    out["figures"] = _figures(rows, copy_gbs, out["empty_launch_us"]["isolated"])
     for r in out.get("moe_rows", ()):
         if r["kernel"] == "ciuic_int4":
             key = f"moe_{r['experts']}_{r['step']}"
@@ -450,8 +465,9 @@ def launch_fit(backend, ks, n: int, copy_gbs: float, l2: int, gen: torch.Generat
     return {"n": n, "ks": list(ks), "batch": 1, "fits": fits}
 
 
-def _figures(rows: list[dict], copy_gbs: float) -> dict[str, Any]:
-    """The issue's headline numbers, read off the rows (``chained_*``: the same, back to back)."""
+def _figures(rows: list[dict], copy_gbs: float, floor_us: float | None = None) -> dict[str, Any]:
+    """The headline numbers, read off the rows (``chained_*``: the same, back to back); with the
+    empty launch's isolated time, the ceiling of the isolated percentage for the int4 batch-1 weight."""
     def get(shape, m, kernel):
         for r in rows:
             if r["shape"] == shape and r["batch"] == m and r["kernel"] == kernel:
@@ -464,6 +480,9 @@ def _figures(rows: list[dict], copy_gbs: float) -> dict[str, Any]:
         f["int4_b1_7168x18432_pct_copy_bw"] = a["pct_copy_bw"]
         f["int4_b1_7168x18432_vs_cublas"] = a.get("speedup_vs_cublas")
         f["int4_b1_7168x18432_vs_tinygemm"] = a.get("speedup_vs_tinygemm")
+        if floor_us is not None:
+            f["int4_b1_7168x18432_isolated_ceiling_pct_copy_bw"] = isolated_ceiling_pct(
+                a["weight_bytes"], copy_gbs, floor_us)
         if "chained_us" in a:
             f["chained_int4_b1_7168x18432_pct_copy_bw"] = a["chained_pct_copy_bw"]
             f["chained_int4_b1_7168x18432_vs_cublas"] = a.get("chained_speedup_vs_cublas")

@@ -77,6 +77,8 @@ for r in d.get("moe_rows", []):
 for key, f in d.get("launch_fit", {}).get("fits", {}).items():
     print(f"fit {key:>24}: fixed {f['fixed_us']:5.2f} us, streaming {f['stream_GBps']:5.0f} GB/s = "
           f"{f['stream_pct_copy_bw']:5.1f}% of copy  {f['points_us']}")
+if "empty_launch_us" in d:
+    print("empty launch (every row's floor):", json.dumps(d["empty_launch_us"]))
 print("figures:", json.dumps(d.get("figures", {})))
 for s in d.get("splits_sweep", []):
     print("sweep", s["shape"], s["batch"], "auto", round(s["auto_us"], 1), {k: round(v, 1) for k, v in s["by_splits_us"].items()})
