@@ -14,10 +14,15 @@ device-to-device copy bandwidth of the same run:
   with WORK rounds of synthetic integer work per tile (0: loads only);
 - guided (argument "guided", then work levels): the same persistent warps, items big first and small
   last, each ticket claimed an item ahead; partials kept (the bound) or added by fire-and-forget atomics.
+- bulk (argument "bulk"; sm_90): one persistent block a multiprocessor streams its contiguous share of
+  the weight through a ring of shared-memory stages, one warp issuing a `cp.async.bulk` of a whole
+  stage (8-32 KB) completing on the stage's mbarrier, the other warps reading each stage (or only
+  waiting for it) and releasing it: the copy engine's rate, beside the grid-stride register read.
 
     python tests/gpu/probe_read.py      # prints one line per pattern and a JSON line "READ {...}"
     python tests/gpu/probe_read.py dyn 0 16  # static against dynamic (ticketed) scheduling, per work level
     python tests/gpu/probe_read.py guided 0 12  # static against guided scheduling (big items, then small)
+    python tests/gpu/probe_read.py bulk      # the bulk copy engine's ring against the register read
 
 The fixed cost of a launch against its streaming rate: tests/gpu/probe_fixed.py.
 """
@@ -238,6 +243,59 @@ extern "C" __global__ void guided(const uint4 *p, int nt, int kt, int hn, int hc
   }
   if ((a[0] ^ a[1] ^ a[2] ^ a[3]) == 0x9E3779B9u) sink[0] = 1 + pad[0];
 }
+#if __CUDA_ARCH__ >= 900
+__device__ __forceinline__ unsigned sm32(const void *q) { return (unsigned)__cvta_generic_to_shared(q); }
+__device__ __forceinline__ void mb_wait(unsigned long long *b, int ph) {
+  unsigned ok = 0;
+  while (!ok)
+    asm volatile("{ .reg .pred P; mbarrier.try_wait.parity.shared::cta.b64 P, [%1], %2; selp.u32 %0, 1, 0, P; }"
+                 : "=r"(ok) : "r"(sm32(b)), "r"(ph) : "memory");
+}
+// One block a multiprocessor: warp nwc (the last) issues a bulk copy of `chunk` bytes per stage of a
+// ring of STAGES; warps 0..nwc-1 wait for each stage, read it (READ) and release it.
+extern "C" __global__ void bulk_ring(const unsigned char *p, long long nch, int chunk, unsigned *sink) {
+  extern __shared__ __align__(128) unsigned char ring[];
+  __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwc = (blockDim.x >> 5) - 1;
+  const long long per = (nch + gridDim.x - 1) / gridDim.x;
+  const long long c0 = blockIdx.x * per, c1 = min(nch, c0 + per);
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(sm32(&full[s])) : "memory");
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(sm32(&empty[s])), "r"(nwc) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (warp == nwc) {
+    if (lane == 0) {
+      for (long long c = c0; c < c1; ++c) {
+        const int i = (int)(c - c0), s = i % STAGES, ph = (i / STAGES) & 1;
+        if (i >= STAGES) mb_wait(&empty[s], ph ^ 1);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(sm32(&full[s])), "r"(chunk) : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     :: "r"(sm32(ring + (size_t)s * chunk)), "l"(p + c * chunk), "r"(chunk), "r"(sm32(&full[s])) : "memory");
+      }
+    }
+    return;
+  }
+  unsigned acc = 0;
+  for (long long c = c0; c < c1; ++c) {
+    const int i = (int)(c - c0), s = i % STAGES, ph = (i / STAGES) & 1;
+    mb_wait(&full[s], ph);
+#if READ
+    const uint4 *q = reinterpret_cast<const uint4 *>(ring + (size_t)s * chunk);
+    for (int j = warp * 32 + lane; j < chunk / 16; j += nwc * 32) {
+      const uint4 v = q[j];
+      acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+#endif
+    __syncwarp();
+    if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(sm32(&empty[s])) : "memory");
+  }
+  if (acc == 0x9E3779B9u) sink[0] = acc;
+}
+#endif
 extern "C" __global__ void linear(const uint4 *p, long long n, unsigned *sink) {
   const long long stride = (long long)gridDim.x * blockDim.x;
   long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -256,7 +314,8 @@ extern "C" __global__ void linear(const uint4 *p, long long n, unsigned *sink) {
 
 NT, KT = 1152, 112
 SMS = cp.cuda.Device().attributes["MultiProcessorCount"]
-mods = {d: cp.RawModule(code=SRC, options=("-std=c++17", f"-DDEPTH={d}", "-DWORK=0", "-DPART=0")) for d in (1, 2, 4, 8)}
+mods = {d: cp.RawModule(code=SRC, options=("-std=c++17", f"-DDEPTH={d}", "-DWORK=0", "-DPART=0", "-DSTAGES=1", "-DREAD=0"))
+        for d in (1, 2, 4, 8)}
 bufs = [cp.random.randint(0, 1 << 30, size=NT * KT * 128, dtype=cp.uint32) for _ in range(4)]
 nbytes = bufs[0].nbytes
 sink = cp.zeros(4, dtype=cp.uint32)
@@ -289,6 +348,29 @@ def report(name, us):
     res["rows"].append({"pattern": name, "us": round(us, 2), "pct_copy": round(pct, 1)})
     print(f"{name:>28} {us:7.2f} us {pct:5.1f}% of copy", flush=True)
 
+
+if sys.argv[1:2] == ["bulk"]:
+    # the copy engine: (chunk KB, stages, consumer warps, read), one block a multiprocessor, against the
+    # grid-stride register read of the same bytes, in the same run
+    lin = mods[4].get_function("linear")
+    for rnd in range(2):
+        report(f"linear d4 8x256/SM ({rnd})", timed(lambda b: lin((SMS * 8,), (256,), (b, cp.int64(b.size // 4), sink))))
+    cap = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"] - 1024
+    for kb, stages, nwc, read in ((16, 12, 8, 1), (16, 12, 8, 0), (32, 6, 8, 1), (8, 24, 8, 1), (16, 12, 4, 1),
+                                  (16, 6, 8, 1), (8, 12, 8, 1), (32, 3, 8, 1)):
+        chunk = kb * 1024
+        if stages * chunk > cap or nbytes % chunk:
+            continue
+        mod = cp.RawModule(code=SRC, options=("-std=c++17", "-arch=sm_90", "-DDEPTH=1", "-DWORK=0", "-DPART=0",
+                                              f"-DSTAGES={stages}", f"-DREAD={read}"))
+        f = mod.get_function("bulk_ring")
+        f.max_dynamic_shared_size_bytes = stages * chunk
+        report(f"bulk {kb}KB x{stages} w{nwc} read{read}",
+               timed(lambda b, f=f, chunk=chunk, stages=stages, nwc=nwc:
+                     f((SMS,), ((nwc + 1) * 32,), (b, cp.int64(nbytes // chunk), cp.int32(chunk), sink),
+                       shared_mem=stages * chunk)))
+    print("READ " + json.dumps(res))
+    sys.exit(0)
 
 if sys.argv[1:2] == ["guided"]:
     # static against guided dynamic scheduling (big items first, small last), loads only or with
