@@ -23,8 +23,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
     p.add_argument("--recipe", default=None,
-                   help="plan to time, a preset or JSON: decode default int4-g128 (cpu), int4-g128 with every "
-                        "fusion (cuda); fusions default keep")
+                   help="plan to time, a preset or JSON: decode default int4-g128 with every fusion "
+                        "(int4-g128-fused); fusions default keep")
     p.add_argument("--toggles", type=int, default=None, help="soak: number of random toggles")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=run)
@@ -57,7 +57,7 @@ def run(args) -> dict[str, Any]:
         else:
             from .measure.bench_decode import bench_decode
 
-            out = bench_decode(model=args.model, quick=args.quick, recipe=args.recipe or "int4-g128")
+            out = bench_decode(model=args.model, quick=args.quick, recipe=args.recipe)
     elif target == "fusions":
         out = _bench_fusions(args)
     elif target == "session":

@@ -53,8 +53,8 @@ from ..errors import CiuicError
 from ..kernels.cuda import GEMV_STAGINGS, STAGE_CHUNK, STAGE_NAMES, STAGE_WHOLE, tune_splits
 from ..kernels.reference import moe_reference
 from ..models.cache import cache_kwargs
+from .bench_decode import DECODE_RECIPE
 from ..quant import QuantSpec, dequantize, quantize
-from ..recipe import FUSIONS, PRESETS
 
 # DeepSeek-V3 projections, (K inputs, N outputs)
 DEEPSEEK_V3_SHAPES = (
@@ -605,16 +605,6 @@ def _profile_top(run, steps: int = 5, keep: int = 12) -> list[dict[str, Any]]:
         return out
     except Exception as e:  # the profiler is a diagnostic: never fail the benchmark for it
         return [{"error": f"{type(e).__name__}: {e}"[:200]}]
-
-
-# The decode benchmark's default plan: int4 with groups of 128 and every fusion, the form in which the
-# kernels carry a decode step (without the fusions the experts run one launch each)
-DECODE_RECIPE: dict[str, Any] = {
-    **PRESETS["int4-g128"],
-    "name": "int4-g128-fused",
-    "description": PRESETS["int4-g128"]["description"] + "; every fusion on",
-    "fusions": {f: True for f in FUSIONS},
-}
 
 
 def bench_decode_cuda(quick: bool = False, recipe: Any = None, prompt_len: int = 32,

@@ -7,8 +7,9 @@ layer then MoE layers with a shared expert; timing does not depend on the weight
 For each model the same prompt is prefilled, then ``new_tokens`` tokens are decoded greedily one at a
 time with the KV cache; only the decode steps are timed (median per-token time over ``rounds``
 rounds, after a warm-up round). Rows: torch fp32, torch bf16 (the model cast to bf16), and the plan
-(``recipe``, default ``int4-g128``) applied on the fp32 model, running on whatever backend the kernel
-registry picks (the numba kernels on a CPU that has them). ``speedup_vs_fp32`` compares per-token
+(``recipe``, default :data:`DECODE_RECIPE`: int4 with groups of 128 and every fusion, as on the GPU)
+applied on the fp32 model, running on whatever backend the kernel registry picks (the numba kernels
+on a CPU that has them). ``speedup_vs_fp32`` compares per-token
 medians taken in the same run; ``backends`` counts which kernel each quantized module last used.
 """
 
@@ -25,6 +26,24 @@ from typing import Any
 import torch
 
 from ..models.cache import greedy_steps
+from ..recipe import FUSIONS, PRESETS
+
+# The decode benchmarks' default plan (CPU and GPU): int4 with groups of 128 and every fusion, the form
+# in which the kernels carry a decode step (without the fusions the experts run one launch each)
+DECODE_RECIPE: dict[str, Any] = {
+    **PRESETS["int4-g128"],
+    "name": "int4-g128-fused",
+    "description": PRESETS["int4-g128"]["description"] + "; every fusion on",
+    "fusions": {f: True for f in FUSIONS},
+}
+
+
+def recipe_label(recipe: Any) -> str:
+    """How the benchmarks name a plan in their JSON: a preset or file name as given, else the recipe's name."""
+    if isinstance(recipe, str):
+        return recipe
+    name = recipe.get("name") if isinstance(recipe, dict) else getattr(recipe, "name", None)
+    return name or "custom"
 
 # about 1.1 B parameters: 12 layers (1 dense + 11 MoE with 8 routed experts, 4 active, 1 shared), MLA
 LARGE_CONFIG: dict[str, Any] = dict(
@@ -73,15 +92,6 @@ def decode_times(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) 
     return times, toks
 
 
-def _backends(model: torch.nn.Module) -> dict[str, int]:
-    c: Counter = Counter()
-    for mod in model.modules():
-        name = getattr(mod, "last_backend", None)
-        if name is not None:
-            c[name] += 1
-    return dict(c)
-
-
 def _time_variant(model, prompt, new_tokens, rounds) -> dict[str, Any]:
     decode_times(model, prompt, min(4, new_tokens))  # warm-up: kernels loaded, caches sized
     per_round = []
@@ -92,13 +102,13 @@ def _time_variant(model, prompt, new_tokens, rounds) -> dict[str, Any]:
     return {"ms_per_token": round(ms, 3), "tokens_per_s": round(1e3 / ms, 2)}
 
 
-def bench_model(model: torch.nn.Module, name: str, recipe: Any = "int4-g128", new_tokens: int = 32,
+def bench_model(model: torch.nn.Module, name: str, recipe: Any = None, new_tokens: int = 32,
                 rounds: int = 3, prompt_len: int = 16, layout: str | None = None) -> list[dict[str, Any]]:
     """fp32, plan-on-fp32 and bf16 rows for one model (the model is left as it came, in fp32)."""
     from ..plan import resolve
     from ..recipe import load as load_recipe
     from ..sites import sites
-    from ..transforms import apply, revert
+    from ..transforms import apply, backends_in_use, revert
 
     gen = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
@@ -114,7 +124,7 @@ def bench_model(model: torch.nn.Module, name: str, recipe: Any = "int4-g128", ne
     fp32 = _time_variant(model, prompt, new_tokens, rounds)
     row("torch fp32", fp32)
 
-    rec = load_recipe(recipe)
+    rec = load_recipe(DECODE_RECIPE if recipe is None else recipe)
     if layout:
         rec = copy.deepcopy(rec)
         for rule in rec.rules:
@@ -125,7 +135,7 @@ def bench_model(model: torch.nn.Module, name: str, recipe: Any = "int4-g128", ne
     apply_s = time.perf_counter() - t0
     try:
         q = _time_variant(model, prompt, new_tokens, rounds)
-        backends = _backends(model)
+        backends = dict(Counter(backends_in_use(model).values()))
     finally:
         revert(model)
     fp32_again = _time_variant(model, prompt, new_tokens, max(1, rounds // 2))  # drift check, same run
@@ -148,13 +158,15 @@ def bench_model(model: torch.nn.Module, name: str, recipe: Any = "int4-g128", ne
     return rows
 
 
-def bench_decode(model: str | None = None, quick: bool = False, recipe: Any = "int4-g128",
+def bench_decode(model: str | None = None, quick: bool = False, recipe: Any = None,
                  new_tokens: int | None = None, rounds: int | None = None, large: bool = True,
                  layout: str | None = None) -> dict[str, Any]:
     """Decode tokens/s for the embedded model and a ~1 B DeepSeek-architecture model; JSON-able."""
     from ..kernels import compat
     from ..models import load
+    from ..recipe import load as load_recipe
 
+    recipe = load_recipe(DECODE_RECIPE if recipe is None else recipe)  # a bad recipe fails before any timing
     new_tokens = new_tokens or (6 if quick else 32)
     rounds = rounds or (1 if quick else 3)
     rows: list[dict[str, Any]] = []
@@ -177,7 +189,7 @@ def bench_decode(model: str | None = None, quick: bool = False, recipe: Any = "i
         "cpu": info["cpu"]["model"],
         "usable_cpus": info["cpu"]["usable"],
         "torch_threads": torch.get_num_threads(),
-        "recipe": recipe if isinstance(recipe, str) else "custom",
+        "recipe": recipe_label(recipe),
         "new_tokens": new_tokens,
         "rounds": rounds,
         "method": "median per-token decode time (batch 1, KV cache, greedy) after a warm-up; ratios within one run",
@@ -185,4 +197,4 @@ def bench_decode(model: str | None = None, quick: bool = False, recipe: Any = "i
     }
 
 
-__all__ = ["bench_decode", "bench_model", "build_large", "decode_times", "LARGE_CONFIG"]
+__all__ = ["bench_decode", "bench_model", "build_large", "decode_times", "recipe_label", "DECODE_RECIPE", "LARGE_CONFIG"]
