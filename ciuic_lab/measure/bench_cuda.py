@@ -53,8 +53,8 @@ from ..errors import CiuicError
 from ..kernels.cuda import GEMV_STAGINGS, STAGE_CHUNK, STAGE_NAMES, STAGE_WHOLE, tune_splits
 from ..kernels.reference import moe_reference
 from ..models.cache import cache_kwargs
-from .bench_decode import DECODE_RECIPE
 from ..quant import QuantSpec, dequantize, quantize
+from .bench_decode import DECODE_RECIPE
 
 # DeepSeek-V3 projections, (K inputs, N outputs)
 DEEPSEEK_V3_SHAPES = (

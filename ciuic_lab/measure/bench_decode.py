@@ -10,7 +10,8 @@ rounds, after a warm-up round). Rows: torch fp32, torch bf16 (the model cast to 
 (``recipe``, default :data:`DECODE_RECIPE`: int4 with groups of 128 and every fusion, as on the GPU)
 applied on the fp32 model, running on whatever backend the kernel registry picks (the numba kernels
 on a CPU that has them). ``speedup_vs_fp32`` compares per-token
-medians taken in the same run; ``backends`` counts which kernel each quantized module last used.
+medians taken in the same run; ``backends`` counts the sites by what ran them in the last step
+(``transforms.backends_in_use``, as the GPU benchmark reports them: ``simulated`` for routers and norms).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def recipe_label(recipe: Any) -> str:
         return recipe
     name = recipe.get("name") if isinstance(recipe, dict) else getattr(recipe, "name", None)
     return name or "custom"
+
 
 # about 1.1 B parameters: 12 layers (1 dense + 11 MoE with 8 routed experts, 4 active, 1 shared), MLA
 LARGE_CONFIG: dict[str, Any] = dict(
