@@ -39,14 +39,6 @@ DECODE_RECIPE: dict[str, Any] = {
 }
 
 
-def recipe_label(recipe: Any) -> str:
-    """How the benchmarks name a plan in their JSON: a preset or file name as given, else the recipe's name."""
-    if isinstance(recipe, str):
-        return recipe
-    name = recipe.get("name") if isinstance(recipe, dict) else getattr(recipe, "name", None)
-    return name or "custom"
-
-
 # about 1.1 B parameters: 12 layers (1 dense + 11 MoE with 8 routed experts, 4 active, 1 shared), MLA
 LARGE_CONFIG: dict[str, Any] = dict(
     vocab_size=32000, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
@@ -191,7 +183,7 @@ def bench_decode(model: str | None = None, quick: bool = False, recipe: Any = No
         "cpu": info["cpu"]["model"],
         "usable_cpus": info["cpu"]["usable"],
         "torch_threads": torch.get_num_threads(),
-        "recipe": recipe_label(recipe),
+        "recipe": recipe.name,
         "new_tokens": new_tokens,
         "rounds": rounds,
         "method": "median per-token decode time (batch 1, KV cache, greedy) after a warm-up; ratios within one run",
@@ -199,4 +191,4 @@ def bench_decode(model: str | None = None, quick: bool = False, recipe: Any = No
     }
 
 
-__all__ = ["bench_decode", "bench_model", "build_large", "decode_times", "recipe_label", "DECODE_RECIPE", "LARGE_CONFIG"]
+__all__ = ["bench_decode", "bench_model", "build_large", "decode_times", "DECODE_RECIPE", "LARGE_CONFIG"]
