@@ -28,7 +28,7 @@ from ciuic_lab.quant import QuantSpec, dequantize, quantize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # builds: consumer warps, bodies ahead whose scale and zero pairs are in flight, those pairs loaded past L1
-NCS = [tuple(int(a) for a in v.split(":")) for v in os.environ.get("PROBE_VARIANTS", "16:4:0 16:4:1 20:4:1").split()]
+BUILDS = [tuple(int(a) for a in v.split(":")) for v in os.environ.get("PROBE_VARIANTS", "16:4:0 16:4:1 20:4:1").split()]
 build()
 LIBRARY.get()
 dev = torch.device("cuda")
@@ -37,7 +37,7 @@ SMS, L2 = props.multi_processor_count, props.L2_cache_size
 SMEM_MAX = cp.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]
 tmp = tempfile.mkdtemp()
 funcs = {}
-for nc, pfb, na in NCS:
+for nc, pfb, na in BUILDS:
     out = os.path.join(tmp, f"tma{nc}_{pfb}_{na}.cubin")
     subprocess.run([find_nvcc(), "-O3", "-std=c++17", "-arch=sm_90", "-I", str(native_dir()), f"-DNC={nc}",
                     f"-DPFB={pfb}", f"-DSZ_NA={na}", "-cubin", "-o", out, os.path.join(HERE, "tma_gemv.cu")],
@@ -45,8 +45,8 @@ for nc, pfb, na in NCS:
     funcs[(nc, pfb, na)] = cp.RawModule(path=out).get_function("tma_gemv")
 
 
-def plan(w, v, stages: int, per: int | None = None):
-    nc = v[0]
+def plan(w, build_, stages: int, per: int | None = None):
+    nc = build_[0]
     nt, kt = (w.n + 15) // 16, (w.k + 63) // 64
     total = nt * kt
     per = per or max(kt, math.ceil(total / SMS / 4) * 4)
@@ -55,11 +55,11 @@ def plan(w, v, stages: int, per: int | None = None):
     return nt, kt, per, math.ceil(total / per), smem
 
 
-def launcher(w, x, y, ws, cnt, v, stages: int, per: int | None = None):
-    nc = v[0]
-    nt, kt, per, grid, smem = plan(w, v, stages, per)
+def launcher(w, x, y, ws, cnt, build_, stages: int, per: int | None = None):
+    nc = build_[0]
+    nt, kt, per, grid, smem = plan(w, build_, stages, per)
     assert w.k % 256 == 0 and per % 4 == 0 and per >= kt and smem <= SMEM_MAX
-    f = funcs[v]
+    f = funcs[build_]
     f.max_dynamic_shared_size_bytes = smem
     args = tuple(np.uint64(t.data_ptr()) for t in (w.codes, w.scales, w.zeros, x, y, ws, cnt)) + tuple(
         np.int32(v) for v in (w.n, w.k, nt, kt, w.n_groups, per, stages))
@@ -90,23 +90,23 @@ for case in range(int(os.environ.get("PROBE_CASES", "8"))):
     ref = x.double() @ dequantize(qt, torch.float64).T
     kept = CUDA.linear(x, w)
     kt = k // 64
-    for nc in NCS:
-        if plan(w, nc, 3)[4] > SMEM_MAX:
+    for b in BUILDS:
+        if plan(w, b, 3)[4] > SMEM_MAX:
             continue
         for per in (None, kt + 4 * (1 + r[2] % 5)):  # the default split, and one that splits rows
             ws, cnt = buffers(w)
             ys = []
             for _ in range(2):
                 y = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device=dev)
-                launcher(w, x, y, ws, cnt, nc, 3, per)()
+                launcher(w, x, y, ws, cnt, b, 3, per)()
                 ys.append(y)
             torch.cuda.synchronize()
             e, ek = _rel_err(ys[0], ref), _rel_err(ys[0], kept.double())
             worst = max(worst, e)
             ok = e < 1e-2 and torch.equal(ys[0], ys[1]) and int(cnt.abs().sum()) == 0
-            res["checks"].append(dict(n=n, k=k, nc=nc[0], pfb=nc[1], na=nc[2], per=per, err=e, vs_kept=ek, ok=ok))
+            res["checks"].append(dict(n=n, k=k, nc=b[0], pfb=b[1], na=b[2], per=per, err=e, vs_kept=ek, ok=ok))
             if not ok:
-                print(f"FAIL n={n} k={k} nc={nc} per={per} err={e:.3g} vs kept {ek:.3g} "
+                print(f"FAIL n={n} k={k} build={b} per={per} err={e:.3g} vs kept {ek:.3g} "
                       f"same={torch.equal(ys[0], ys[1])} counters={int(cnt.abs().sum())}", flush=True)
 res["worst_rel_err"] = worst
 print(f"checks: {sum(c['ok'] for c in res['checks'])} of {len(res['checks'])} ok, worst {worst:.2e}", flush=True)
@@ -118,13 +118,13 @@ for k, n in ((7168, 18432), (18432, 7168)):
     kept = [lambda c=c: CUDA.linear(x, c) for c in cps]
     row = {"shape": f"{k}->{n}", "bytes": nbytes, "kept0": time_calls(kept, reps=200)["us"]}
     y = torch.empty(1, n, dtype=torch.bfloat16, device=dev)
-    for nc in NCS:
+    for b in BUILDS:
         for stages in [int(v) for v in os.environ.get("PROBE_STAGES", "2 3 4").split()]:
-            if plan(cps[0], nc, stages)[4] > SMEM_MAX:
+            if plan(cps[0], b, stages)[4] > SMEM_MAX:
                 continue
             bufs = [buffers(c) for c in cps]
-            calls = [launcher(c, x, y, *b, nc, stages) for c, b in zip(cps, bufs)]
-            row[f"nc{nc[0]}_pf{nc[1]}_na{nc[2]}_st{stages}"] = time_calls(calls, reps=200)["us"]
+            calls = [launcher(c, x, y, *bf, b, stages) for c, bf in zip(cps, bufs)]
+            row[f"nc{b[0]}_pf{b[1]}_na{b[2]}_st{stages}"] = time_calls(calls, reps=200)["us"]
     row["kept1"] = time_calls(kept, reps=200)["us"]
     res["rows"].append(row)
     print(row["shape"], " ".join(f"{key} {v:.2f} ({100 * nbytes / v / 1e3 / res['copy_GBps']:.1f}%)"
