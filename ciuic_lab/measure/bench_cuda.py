@@ -465,9 +465,10 @@ def launch_fit(backend, ks, n: int, copy_gbs: float, l2: int, gen: torch.Generat
     return {"n": n, "ks": list(ks), "batch": 1, "fits": fits}
 
 
-def _figures(rows: list[dict], copy_gbs: float, floor_us: float | None = None) -> dict[str, Any]:
-    """The headline numbers, read off the rows (``chained_*``: the same, back to back); with the
-    empty launch's isolated time, the ceiling of the isolated percentage for the int4 batch-1 weight."""
+def _figures(rows: list[dict], copy_gbs: float, floor_us: float) -> dict[str, Any]:
+    """The headline numbers, read off the rows (``chained_*``: the same, back to back), and from the
+    empty launch's isolated time (``floor_us``) the ceiling of the isolated percentage for the int4
+    batch-1 weight."""
     def get(shape, m, kernel):
         for r in rows:
             if r["shape"] == shape and r["batch"] == m and r["kernel"] == kernel:
@@ -480,9 +481,8 @@ def _figures(rows: list[dict], copy_gbs: float, floor_us: float | None = None) -
         f["int4_b1_7168x18432_pct_copy_bw"] = a["pct_copy_bw"]
         f["int4_b1_7168x18432_vs_cublas"] = a.get("speedup_vs_cublas")
         f["int4_b1_7168x18432_vs_tinygemm"] = a.get("speedup_vs_tinygemm")
-        if floor_us is not None:
-            f["int4_b1_7168x18432_isolated_ceiling_pct_copy_bw"] = isolated_ceiling_pct(
-                a["weight_bytes"], copy_gbs, floor_us)
+        f["int4_b1_7168x18432_isolated_ceiling_pct_copy_bw"] = isolated_ceiling_pct(
+            a["weight_bytes"], copy_gbs, floor_us)
         if "chained_us" in a:
             f["chained_int4_b1_7168x18432_pct_copy_bw"] = a["chained_pct_copy_bw"]
             f["chained_int4_b1_7168x18432_vs_cublas"] = a.get("chained_speedup_vs_cublas")
