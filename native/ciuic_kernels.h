@@ -52,7 +52,9 @@ typedef struct CUstream_st *ciuic_stream_t;
    make it fit), chunk by chunk (chunk), or the int4 GEMV for batches of 1 to 8 rows (x staged once
    per block, 27-28 warps per multiprocessor; other formats and batches take auto's choice): gemv,
    blocks of 4 row tiles over one K range; gemv_<R>x<S>, blocks of R row tiles whose K range S warps
-   share (their sums meet in shared memory; `splits` then splits K across blocks on top) */
+   share (their sums meet in shared memory; `splits` then splits K across blocks on top); pipe, int4
+   with codes, scale pairs and x streamed through a ring of shared-memory stages (any batch; other
+   formats, or x, scales or zeros not 16-byte aligned, take auto's choice) */
 #define CIUIC_STAGE_AUTO 0
 #define CIUIC_STAGE_WHOLE 1
 #define CIUIC_STAGE_CHUNK 2
@@ -61,6 +63,7 @@ typedef struct CUstream_st *ciuic_stream_t;
 #define CIUIC_STAGE_GEMV_1X7 5
 #define CIUIC_STAGE_GEMV_3X3 6
 #define CIUIC_STAGE_GEMV_2X7 7
+#define CIUIC_STAGE_PIPE 8
 /* batch rows the GEMV takes (larger launches run the general kernel) */
 #define CIUIC_GEMV_MAX_M 8
 /* rows of x one launch takes; larger batches are cut into launches of this many rows */

@@ -50,8 +50,8 @@ except ImportError:  # pragma: no cover - exercised by a test that hides cffi
     cffi = None
 
 HEADER = "ciuic_kernels.h"
-SOURCES = ("api.cu", "repack.cu", "wgemm_int4.cu", "wgemm_int8.cu", "wgemm_fp8.cu", "gemv_int4.cu", "gemv_moe.cu", "route.cu")
-INCLUDES = (HEADER, "wgemm.cuh", "gemv.cuh")
+SOURCES = ("api.cu", "repack.cu", "wgemm_int4.cu", "wgemm_int8.cu", "wgemm_fp8.cu", "gemv_int4.cu", "gemv_moe.cu", "pipe_int4.cu", "route.cu")
+INCLUDES = (HEADER, "wgemm.cuh", "gemv.cuh", "pipe.cuh")
 # machine code for these (plus PTX of the last); CIUIC_CUDA_ARCHS="90" builds for one GPU only, faster
 ARCHS = tuple(os.environ.get("CIUIC_CUDA_ARCHS", "80 90").split()) or ("80", "90")
 NVCC_FLAGS = ("-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-lineinfo", "--threads", "0")
@@ -67,7 +67,9 @@ FMT_INT4, FMT_INT8, FMT_FP8 = 0, 1, 2
 STAGE_AUTO, STAGE_WHOLE, STAGE_CHUNK, STAGE_GEMV = 0, 1, 2, 3
 # the int4 GEMV in blocks of R row tiles whose K range S warps share (CIUIC_STAGE_GEMV_<R>X<S>)
 STAGE_GEMV_RS = {(1, 3): 4, (1, 7): 5, (3, 3): 6, (2, 7): 7}
-STAGE_NAMES = ("auto", "whole", "chunk", "gemv", "gemv-1x3", "gemv-1x7", "gemv-3x3", "gemv-2x7")
+# int4 with codes, scale pairs and x streamed through a ring of shared-memory stages (CIUIC_STAGE_PIPE)
+STAGE_PIPE = 8
+STAGE_NAMES = ("auto", "whole", "chunk", "gemv", "gemv-1x3", "gemv-1x7", "gemv-3x3", "gemv-2x7", "pipe")
 GEMV_STAGINGS = (STAGE_GEMV, *STAGE_GEMV_RS.values())
 # the block shapes the grouped MoE steps take on the GEMV (int4, groups of 128 or 256 inputs; for gate_up
 # an output row tile is a gate tile and its up tile)
@@ -76,8 +78,13 @@ TUNE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)   # split-K counts tried per launch sha
 TUNE_BLOCK_SPLITS = (1, 2, 3, 4)          # splits across blocks tried for the gemv-<R>x<S> stagings
 
 
+TUNE_PIPE_SPLITS = (1, 2, 3, 4, 5, 6, 8)  # split-K counts tried for the pipe staging
+
+
 def tune_splits(staging: int) -> tuple[int, ...]:
     """The split counts the tuner (and the benchmark's sweep) tries with one staging."""
+    if staging == STAGE_PIPE:
+        return TUNE_PIPE_SPLITS
     return TUNE_SPLITS if staging <= STAGE_GEMV else TUNE_BLOCK_SPLITS
 GEMV_MAX_M = 8                      # batch rows the int4 GEMV takes (CIUIC_GEMV_MAX_M)
 DT = {torch.bfloat16: 0, torch.float16: 1}
@@ -524,8 +531,11 @@ class CudaBackend:
                 return lib.ciuic_wgemm(*args, splits, staging, sp)
 
             key = ("linear", x.device.index, w.fmt, DT[x.dtype], w.n, w.k, w.group, w.zeros is None, _m_bucket(m))
-            gemv = w.fmt == FMT_INT4 and m <= GEMV_MAX_M
-            rc = launch(*self._choice(key, launch, x.device, (STAGE_CHUNK, STAGE_WHOLE, *GEMV_STAGINGS) if gemv else None))
+            stagings = None
+            if w.fmt == FMT_INT4:  # the GEMV up to 8 rows, the pipelined kernel from 5 rows
+                stagings = (STAGE_CHUNK, STAGE_WHOLE, *(GEMV_STAGINGS if m <= GEMV_MAX_M else ()),
+                            *((STAGE_PIPE,) if m > 4 else ()))
+            rc = launch(*self._choice(key, launch, x.device, stagings))
         self._check(lib, rc, f"ciuic_wgemm ({w.label()}, x {list(x.shape)} {x.dtype})")
         return out if orig in DT else out.to(orig)
 
@@ -669,7 +679,7 @@ class CudaBackend:
         if not self.tune or torch.cuda.is_current_stream_capturing():
             return 0, STAGE_AUTO
         stagings = stagings or (STAGE_CHUNK, STAGE_WHOLE)
-        cands = [(0, STAGE_AUTO)] + [(0, st) for st in stagings if st in GEMV_STAGINGS] + \
+        cands = [(0, STAGE_AUTO)] + [(0, st) for st in stagings if st in GEMV_STAGINGS or st == STAGE_PIPE] + \
             [(s, st) for st in stagings for s in tune_splits(st)]
         ok = [c for c in cands if launch(*c) == 0]
         if not ok:

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CiuicError
-from ..kernels.cuda import GEMV_STAGINGS, STAGE_CHUNK, STAGE_NAMES, STAGE_WHOLE, tune_splits
+from ..kernels.cuda import GEMV_STAGINGS, STAGE_CHUNK, STAGE_NAMES, STAGE_PIPE, STAGE_WHOLE, tune_splits
 from ..kernels.reference import moe_reference
 from ..models.cache import cache_kwargs
 from ..quant import QuantSpec, dequantize, quantize
@@ -321,7 +321,7 @@ def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
                     row["config"] = {"splits": cfg[0][0], "staging": STAGE_NAMES[cfg[0][1]]}
                 if sweep and f == "int4":
                     sw = {}
-                    for st in (STAGE_CHUNK, STAGE_WHOLE, *GEMV_STAGINGS):
+                    for st in (STAGE_CHUNK, STAGE_WHOLE, *GEMV_STAGINGS, STAGE_PIPE):
                         for s in tune_splits(st):
                             backend.splits, backend.staging = s, st
                             try:

@@ -186,6 +186,40 @@ def test_gemv_random_shapes_every_split(name, dtype):
         CUDA.splits, CUDA.staging = 0, 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", GEMV_SPECS)
+def test_pipe_random_shapes_every_split(name, dtype):
+    """The int4 kernel with codes, scale pairs and x streamed through shared memory (staging 8, "pipe")
+    on fresh shapes: odd N, K off the tile, 1 to 33 rows (33: a second launch of one row), split-K from
+    the launcher's own to more splits than K tiles; x 16-byte aligned (the pipe) or not (it falls back to
+    wgemm); two runs agree bit for bit."""
+    spec = SPECS[name]
+    r = rng_for(f"pipe-{name}-{dtype}")
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(r.randrange(1 << 30))
+    pipe = STAGE_NAMES.index("pipe")
+    try:
+        for trial in range(6):
+            n = r.randrange(1, 700) | 1
+            k = r.choice([r.randrange(1, 200) * 8, r.randrange(1, 900), r.randrange(700, 3000) // 8 * 8])
+            m = r.choice(BATCHES)
+            qt = quantize(random_weight(n, k, gen), spec)
+            p = CUDA.prepare(qt)
+            flat = torch.randn(m * k + 1, device=DEV, generator=gen).to(dtype)
+            x = flat[1:].view(m, k) if trial == 2 else flat[: m * k].view(m, k)
+            bias = torch.randn(n, device=DEV, generator=gen).to(dtype) if trial % 2 else None
+            ref = reference(x, qt, bias)
+            for s in (0, 1, 2, 3, 5, 64):
+                CUDA.splits, CUDA.staging = s, pipe
+                y1 = run_linear(x, p, bias)
+                y2 = run_linear(x, p, bias)
+                what = f"pipe {name} {dtype} N={n} K={k} M={m} splits={s} aligned={trial != 2}"
+                check(y1, ref, dtype, what)
+                assert torch.equal(y1, y2), f"{what}: two runs differ (a race?) (seed {SEED})"
+    finally:
+        CUDA.splits, CUDA.staging = 0, 0
+
+
 def test_gemv_without_workspace_falls_back_when_x_does_not_fit():
     """Captured on a fresh stream (no workspace, so no split-K), a launch whose 8 rows of x over the
     whole K exceed the GEMV's shared memory runs on the general kernel; a small one on the GEMV."""

@@ -165,8 +165,9 @@ def test_sources_compile_and_open(tmp_path, monkeypatch):
     ffi, handle = kc.open_library(lib)
     assert handle.ciuic_abi_version() == handle.CIUIC_ABI_VERSION
     # the backend's staging names and block shapes are the header's
-    assert len(kc.STAGE_NAMES) == handle.CIUIC_STAGE_GEMV_2X7 + 1
+    assert len(kc.STAGE_NAMES) == handle.CIUIC_STAGE_PIPE + 1
     assert kc.STAGE_GEMV == handle.CIUIC_STAGE_GEMV
+    assert kc.STAGE_PIPE == handle.CIUIC_STAGE_PIPE and kc.STAGE_NAMES[kc.STAGE_PIPE] == "pipe"
     for (r, s), code in kc.STAGE_GEMV_RS.items():
         assert getattr(handle, f"CIUIC_STAGE_GEMV_{r}X{s}") == code
         assert kc.STAGE_NAMES[code] == f"gemv-{r}x{s}"
