@@ -67,7 +67,7 @@ if not diagnostic:
 l2 = torch.cuda.get_device_properties(dev).L2_cache_size
 rows = []
 SPLITS = {2: (1, 2, 3, 4, 6, 8, 12), 3: (0, 1, 2, 3, 4, 6, 8, 9, 12), 1: (1, 2, 3, 4, 6, 8),
-          **{st: (0, 1, 2, 3, 4) for st in range(4, 8)}, 8: (0, 2, 3, 4, 5, 6)}
+          **{st: (0, 1, 2, 3, 4) for st in range(4, 8)}, 8: (0, 2, 3, 4, 5, 6, 8)}
 for k, n in ((7168, 18432), (18432, 7168)):
     peers = _Peers(CUDA, k, n, ("int4",), l2, gen)  # the benchmark's weight copies (bf16, tinygemm, ours)
     qt, cps, dense, tg = peers.q["int4"], peers.ours["int4"], peers.dense, peers.tg
