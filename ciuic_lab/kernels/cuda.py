@@ -76,8 +76,6 @@ GEMV_STAGINGS = (STAGE_GEMV, *STAGE_GEMV_RS.values())
 MOE_GEMV_STAGINGS = (STAGE_GEMV_RS[(1, 3)], STAGE_GEMV_RS[(1, 7)])
 TUNE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)   # split-K counts tried per launch shape (with each staging)
 TUNE_BLOCK_SPLITS = (1, 2, 3, 4)          # splits across blocks tried for the gemv-<R>x<S> stagings
-
-
 TUNE_PIPE_SPLITS = (1, 2, 3, 4, 5, 6, 8)  # split-K counts tried for the pipe staging
 
 

@@ -147,6 +147,24 @@ def test_small_batch_both_staging_modes(fmt):
         CUDA.splits, CUDA.staging = 0, 0
 
 
+def check_every_plan(spec, dtype, gen, n: int, k: int, m: int, trial: int, plans, label: str) -> None:
+    """A fresh weight [n, k] and x [m, k] (x only 2-byte aligned on trial 2; a bias on odd trials) run
+    with every (splits, staging) plan: each against the reference, two runs bit for bit."""
+    qt = quantize(random_weight(n, k, gen), spec)
+    p = CUDA.prepare(qt)
+    flat = torch.randn(m * k + 1, device=DEV, generator=gen).to(dtype)
+    x = flat[1:].view(m, k) if trial == 2 else flat[: m * k].view(m, k)
+    bias = torch.randn(n, device=DEV, generator=gen).to(dtype) if trial % 2 else None
+    ref = reference(x, qt, bias)
+    for s, st in plans:
+        CUDA.splits, CUDA.staging = s, st
+        y1 = run_linear(x, p, bias)
+        y2 = run_linear(x, p, bias)
+        what = f"{label} {dtype} N={n} K={k} M={m} splits={s} staging={st} aligned={trial != 2}"
+        check(y1, ref, dtype, what)
+        assert torch.equal(y1, y2), f"{what}: two runs differ (a race?) (seed {SEED})"
+
+
 GEMV_SPECS = ["int4-asym-g128", "int4-sym-g64", "int4-asym-g256", "int4-asym-channel", "int4-sym-tensor"]
 
 
@@ -165,23 +183,11 @@ def test_gemv_random_shapes_every_split(name, dtype):
             n = r.randrange(1, 500) | 1
             k = r.choice([r.randrange(1, 900), r.randrange(1, 200) * 8, r.randrange(700, 2600)])
             m = r.choice([1, 1, 2, 3, 4, 5, 7, 8, 9])
-            qt = quantize(random_weight(n, k, gen), spec)
-            p = CUDA.prepare(qt)
-            flat = torch.randn(m * k + 1, device=DEV, generator=gen).to(dtype)
-            x = flat[1:].view(m, k) if trial == 2 else flat[: m * k].view(m, k)
-            bias = torch.randn(n, device=DEV, generator=gen).to(dtype) if trial % 2 else None
-            ref = reference(x, qt, bias)
             # blocks of 4 row tiles (3) with every split-K count; blocks of R row tiles whose K range
             # S warps share (4..7: 1x3, 1x7, 3x3, 2x7), 0 to more splits across blocks than K tiles
             plans = [(s, 3) for s in (0, 1, 2, 3, 5, 64)] + \
                 [(r.choice([0, 1, 2, 3, 64]), st) for st in range(4, 8)]
-            for s, st in plans:
-                CUDA.splits, CUDA.staging = s, st
-                y1 = run_linear(x, p, bias)
-                y2 = run_linear(x, p, bias)
-                what = f"gemv {name} {dtype} N={n} K={k} M={m} splits={s} staging={st} aligned={trial != 2}"
-                check(y1, ref, dtype, what)
-                assert torch.equal(y1, y2), f"{what}: two runs differ (a race?) (seed {SEED})"
+            check_every_plan(spec, dtype, gen, n, k, m, trial, plans, f"gemv {name}")
     finally:
         CUDA.splits, CUDA.staging = 0, 0
 
@@ -203,19 +209,7 @@ def test_pipe_random_shapes_every_split(name, dtype):
             n = r.randrange(1, 700) | 1
             k = r.choice([r.randrange(1, 200) * 8, r.randrange(1, 900), r.randrange(700, 3000) // 8 * 8])
             m = r.choice(BATCHES)
-            qt = quantize(random_weight(n, k, gen), spec)
-            p = CUDA.prepare(qt)
-            flat = torch.randn(m * k + 1, device=DEV, generator=gen).to(dtype)
-            x = flat[1:].view(m, k) if trial == 2 else flat[: m * k].view(m, k)
-            bias = torch.randn(n, device=DEV, generator=gen).to(dtype) if trial % 2 else None
-            ref = reference(x, qt, bias)
-            for s in (0, 1, 2, 3, 5, 64):
-                CUDA.splits, CUDA.staging = s, pipe
-                y1 = run_linear(x, p, bias)
-                y2 = run_linear(x, p, bias)
-                what = f"pipe {name} {dtype} N={n} K={k} M={m} splits={s} aligned={trial != 2}"
-                check(y1, ref, dtype, what)
-                assert torch.equal(y1, y2), f"{what}: two runs differ (a race?) (seed {SEED})"
+            check_every_plan(spec, dtype, gen, n, k, m, trial, [(s, pipe) for s in (0, 1, 2, 3, 5, 64)], f"pipe {name}")
     finally:
         CUDA.splits, CUDA.staging = 0, 0
 
