@@ -270,7 +270,7 @@ extern "C" int ciuic_wgemm(int fmt, int dtype, const void *x, int m, int n, int 
     }
     // the pipelined kernel when asked for, and by default for 9..16 rows: faster than wgemm there on an
     // H100 (native/README.md)
-    if (fmt == CIUIC_FMT_INT4 && (staging == CIUIC_STAGE_PIPE || (staging == CIUIC_STAGE_AUTO && mc > 8 && mc <= 16)))
+    if (fmt == CIUIC_FMT_INT4 && (staging == CIUIC_STAGE_PIPE || (staging == CIUIC_STAGE_AUTO && mc > CIUIC_GEMV_MAX_M && mc <= 16)))
       e = launch_pipe_int4(bf16, p, rq, st, &done);
     if (!done) {
       SplitRequest r2 = rq;
