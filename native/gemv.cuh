@@ -554,13 +554,8 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
       if constexpr (MODE == GATEUP) part[row + inter] = up[e];
     }
   }
-  __threadfence();
-  __syncthreads();
   int *counter = p.counters + static_cast<size_t>(e_z) * gridDim.x + blockIdx.x;
-  if (e_tid == 0) s_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.y) - 1);
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
+  if (!last_split_block(counter, e_tid == 0, s_last)) return;
   constexpr int NR = R * 16;
   const int r0 = blockIdx.x * NR;
   const size_t sstride = static_cast<size_t>(e_nz) * zstride;

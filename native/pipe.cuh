@@ -226,13 +226,8 @@ __global__ void __launch_bounds__(NW * 32, CIUIC_PIPE_MIN_BLOCKS) pipe_i4_kernel
       const int row = ntile * 16 + g + 8 * (e >> 1), m = mt * 8 + 2 * t4 + (e & 1);
       if (live && m < m_rows) part[static_cast<size_t>(m) * npad + row] = tot[mt][e];
     }
-  __threadfence();
-  __syncthreads();
   int *counter = p.counters + blockIdx.x;
-  if (tid == 0) s_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.y) - 1);
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
+  if (!last_split_block(counter, tid == 0, s_last)) return;
   constexpr int NR = NW * 16;
   const int r0 = blockIdx.x * NR;
   for (int i = tid; i < m_rows * NR; i += kThr) {

@@ -281,6 +281,19 @@ __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_
 
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + __expf(-v)); }
 
+// Split-K arrival, once a block has written its partial sums: the leader thread counts the block in at
+// its row range's counter. True in every thread of the block that arrives last (every other split's
+// partials are then visible to it), false in the others. `flag`: a __shared__ int of the kernel.
+__device__ __forceinline__ bool last_split_block(int *counter, bool leader, int &flag) {
+  __threadfence();
+  __syncthreads();
+  if (leader) flag = (atomicAdd(counter, 1) == static_cast<int>(gridDim.y) - 1);
+  __syncthreads();
+  if (!flag) return false;
+  __threadfence();
+  return true;
+}
+
 // Sum of one output's split-K partials in split order (deterministic), four loads in flight at once.
 __device__ __forceinline__ float sum_splits(const float *src, int n, size_t stride) {
   float v = 0.0f;
@@ -759,13 +772,8 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<MT, RT>::value) wgemm_kern
         const int m = mt * 8 + 2 * t4 + (i & 1);
         if (rvalid[r] && m < m_rows) part[static_cast<size_t>(m) * npad + row] = tot[r][mt][i];
       }
-  __threadfence();
-  __syncthreads();
   int *counter = p.counters + static_cast<size_t>(z) * gridDim.x + blockIdx.x;
-  if (tid == 0) s_last = (atomicAdd(counter, 1) == static_cast<int>(gridDim.y) - 1);
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
+  if (!last_split_block(counter, tid == 0, s_last)) return;
   const int nsplit = gridDim.y;
   const size_t sstride = static_cast<size_t>(gridDim.z) * zstride;
   const float *base = p.ws + static_cast<size_t>(z) * zstride;
