@@ -34,6 +34,9 @@ namespace ciuic {
 #ifndef CIUIC_PIPE_MIN_BLOCKS
 #define CIUIC_PIPE_MIN_BLOCKS 2  // resident blocks per multiprocessor the registers are cut for
 #endif
+#ifndef CIUIC_PIPE_STATIC_GROUPS
+#define CIUIC_PIPE_STATIC_GROUPS 1  // 0: every group size takes the run-time group loop (for probes)
+#endif
 
 // Bytes of one stage: per warp, KS tiles of codes, KS scale-pair words of 8 lanes and KS zero pairs of
 // 8 lanes (a stage touches at most KS groups), then x's m rows of KS * 64 inputs (+16 bytes a row, so
@@ -49,7 +52,11 @@ __host__ __device__ constexpr int pipe_stage_bytes(int nw, int ks, int m) {
 // y[m, n] = x[m, k] W^T for one launch of m <= 8 * MT rows (int4, any group of 64 * 2^j inputs or one
 // per row). Needs x rows 16-byte aligned with k % 8 == 0, scales and zeros 16-byte aligned (the
 // launcher checks). p.tps: tiles per split, a multiple of KS.
-template <bool BF16, int MT, int NW, int KS, int P>
+// GT: 0, or the tiles of a group (p.gshift == log2 GT) when GT divides KS. A stage then starts on a
+// group boundary (tps and every stage are whole multiples of KS), so which tiles load a zero pair and
+// which scale their group's sums are compile-time constants; tiles past the split are zero-filled, so
+// a group cut by the end of K is scaled at its stage's static boundary like any other.
+template <bool BF16, int MT, int NW, int KS, int P, int GT>
 __global__ void __launch_bounds__(NW * 32, CIUIC_PIPE_MIN_BLOCKS) pipe_i4_kernel(const Params p) {
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
   constexpr int kThr = NW * 32;
@@ -66,6 +73,8 @@ __global__ void __launch_bounds__(NW * 32, CIUIC_PIPE_MIN_BLOCKS) pipe_i4_kernel
   const int kt_begin = blockIdx.y * p.tps;
   const int kt_end = min(p.kt, kt_begin + p.tps);
   const int nst = (kt_end - kt_begin + KS - 1) / KS;
+  constexpr int G = GT ? GT : 1;  // (the static group, for the divisions below)
+  static_assert(KS % G == 0, "a static group must divide the stage");
   const int gshift = p.gshift;  // 31: one group per row (then every group index below is 0)
   const uint32_t gmask = (1u << gshift) - 1u;
 
@@ -92,41 +101,79 @@ __global__ void __launch_bounds__(NW * 32, CIUIC_PIPE_MIN_BLOCKS) pipe_i4_kernel
   }
 
   // the copies of stage s (tiles [kt0, kt0 + KS) of this split) into buffer s % P; tiles, groups and
-  // inputs outside the split are zero-filled
-  auto issue = [&](int s) {
-    unsigned char *st = dsm + (s % P) * stage_bytes;
-    const int kt0 = kt_begin + s * KS;
-    const uint32_t cd = smem_u32(st + warp * KS * 512 + lane * 16);
-    const uint4 *cs = cb + kt0 * 32;
-    if (live && kt0 + KS <= kt_end) {
+  // inputs outside the split are zero-filled. Stages are issued in order, and each moves every
+  // source by a fixed step: the sources are carried from one stage to the next (so they stay in
+  // registers rather than being computed again from the thread's coordinates at every stage).
+  const uint32_t sm0 = smem_u32(dsm);
+  const uint32_t cdst = warp * KS * 512 + lane * 16;  // this lane's 16 bytes of its warp's tile
+  const uint4 *cnext = cb + kt_begin * 32;            // the next stage's codes
+  int knext = kt_begin;                                // its first tile
+  // static groups: a stage holds NG whole groups; lanes 2j and 2j + 1 copy group j's scale pairs (32
+  // bytes), lane 16 + j its zero pairs (16 bytes)
+  constexpr int NG = KS / G;
+  const char *pnext = nullptr, *pnull = nullptr;
+  uint32_t pdst = 0;
+  int gnext = 0, pstep = 0;
+  if constexpr (GT != 0) {
+    const int gb = kt_begin / G;
+    if (lane < 2 * NG) {
+      const int j = lane >> 1, h = (lane & 1) * 16;
+      pnext = sbase + (gb + j) * 32 + h, pnull = static_cast<const char *>(p.scales);
+      pdst = CB + (warp * KS + j) * 32 + h, gnext = gb + j, pstep = NG * 32;
+    } else if (zbase && lane >= 16 && lane < 16 + NG) {
+      const int j = lane - 16;
+      pnext = zbase + (gb + j) * 16, pnull = zbase;
+      pdst = CB + SB + (warp * KS + j) * 16, gnext = gb + j, pstep = NG * 16;
+    }
+  }
+  // x: this thread's vectors' sources and the inputs left in the split past them (<= 0: zero-fill)
+  const char *xnext[XV];
+  int xleft[XV];
 #pragma unroll
-      for (int i = 0; i < KS; ++i) cp_async16(cd + i * 512, cs + i * 32, 16);
+  for (int v = 0; v < XV; ++v) {
+    xnext[v] = xb + xsrc[v];
+    xleft[v] = xcol[v] == 0x7FFFFFFF ? 0 : kx_end - xcol[v];
+  }
+  auto issue = [&](int s) {
+    const uint32_t st = sm0 + (s % P) * stage_bytes;
+    if (live && knext + KS <= kt_end) {
+#pragma unroll
+      for (int i = 0; i < KS; ++i) cp_async16(st + cdst + i * 512, cnext + i * 32, 16);
     } else {
 #pragma unroll
       for (int i = 0; i < KS; ++i) {
-        const bool in = live && kt0 + i < kt_end;
-        cp_async16(cd + i * 512, in ? cs + i * 32 : p.codes, in ? 16 : 0);
+        const bool in = live && knext + i < kt_end;
+        cp_async16(st + cdst + i * 512, in ? cnext + i * 32 : p.codes, in ? 16 : 0);
       }
     }
-    // group j of the stage is group (kt0 >> gshift) + j: its scale pairs (32 bytes) from lanes 2j and
-    // 2j + 1, its zero pairs (16 bytes) from lane 16 + j; every slot a tile of the stage reads is written
-    const int g0 = kt0 >> gshift, ng = ((kt0 + KS - 1) >> gshift) - g0 + 1;
-    if (lane < 2 * ng) {
-      const int j = lane >> 1, gi = g0 + j, h = (lane & 1) * 16;
-      const bool in = live && gi < p.n_groups;
-      cp_async16(smem_u32(st + CB + (warp * KS + j) * 32 + h), in ? sbase + gi * 32 + h : p.scales, in ? 16 : 0);
-    } else if (zbase && lane >= 16 && lane < 16 + ng) {
-      const int j = lane - 16, gi = g0 + j;
-      const bool in = live && gi < p.n_groups;
-      cp_async16(smem_u32(st + CB + SB + (warp * KS + j) * 16), in ? zbase + gi * 16 : zbase, in ? 16 : 0);
+    if constexpr (GT != 0) {
+      if (pnext) {
+        const bool in = live && gnext < p.n_groups;
+        cp_async16(st + pdst, in ? pnext : pnull, in ? 16 : 0);
+      }
+      pnext += pstep, gnext += NG;
+    } else {
+      // group j of the stage is group (kt0 >> gshift) + j: its scale pairs from lanes 2j and 2j + 1,
+      // its zero pairs from lane 16 + j; every slot a tile of the stage reads is written
+      const int g0 = knext >> gshift, ng = ((knext + KS - 1) >> gshift) - g0 + 1;
+      if (lane < 2 * ng) {
+        const int j = lane >> 1, gi = g0 + j, h = (lane & 1) * 16;
+        const bool in = live && gi < p.n_groups;
+        cp_async16(st + CB + (warp * KS + j) * 32 + h, in ? sbase + gi * 32 + h : p.scales, in ? 16 : 0);
+      } else if (zbase && lane >= 16 && lane < 16 + ng) {
+        const int j = lane - 16, gi = g0 + j;
+        const bool in = live && gi < p.n_groups;
+        cp_async16(st + CB + SB + (warp * KS + j) * 16, in ? zbase + gi * 16 : zbase, in ? 16 : 0);
+      }
     }
-    const uint32_t xd = smem_u32(st + CB + SB + ZB);
-    const int ds = s * KS * 64;  // inputs past the split's first
+    cnext += KS * 32, knext += KS;
+    const uint32_t xd = st + CB + SB + ZB;
 #pragma unroll
     for (int v = 0; v < XV; ++v) {
       if (xcol[v] == 0x7FFFFFFF) continue;
-      const bool in = xcol[v] + ds < kx_end;
-      cp_async16(xd + xdst[v], xb + (in ? xsrc[v] + ds * 2 : 0u), in ? 16 : 0);
+      const bool in = xleft[v] > 0;
+      cp_async16(xd + xdst[v], in ? xnext[v] : xb, in ? 16 : 0);
+      xnext[v] += KS * 128, xleft[v] -= KS * 64;
     }
   };
 
@@ -153,7 +200,7 @@ __global__ void __launch_bounds__(NW * 32, CIUIC_PIPE_MIN_BLOCKS) pipe_i4_kernel
     if (s + P - 1 < nst) issue(s + P - 1);
     cp_async_commit();
     const unsigned char *st = dsm + (s % P) * stage_bytes;
-    const int kt0 = kt_begin + s * KS, g0 = kt0 >> gshift;
+    const int kt0 = kt_begin + s * KS, g0 = GT ? 0 : kt0 >> gshift;
     const uint32_t *ssm = reinterpret_cast<const uint32_t *>(st + CB + warp * KS * 32) + g;
     const uint16_t *zsm = reinterpret_cast<const uint16_t *>(st + CB + SB + warp * KS * 16) + g;
     const uint32_t xbase = smem_u32(st + CB + SB + ZB);
@@ -162,8 +209,8 @@ __global__ void __launch_bounds__(NW * 32, CIUIC_PIPE_MIN_BLOCKS) pipe_i4_kernel
 #pragma unroll
     for (int i = 0; i < KS; ++i) {
       const int kt = kt0 + i;  // (past the split: zero codes times zero x)
-      const int j = (kt >> gshift) - g0;
-      if (i == 0 || (kt & gmask) == 0) zero_words<CIUIC_FMT_INT4, BF16>(zbase ? zsm[j * 8] : p.zconst, zlo, zhi);
+      const int j = GT ? i / G : (kt >> gshift) - g0;
+      if (GT ? i % G == 0 : (i == 0 || (kt & gmask) == 0)) zero_words<CIUIC_FMT_INT4, BF16>(zbase ? zsm[j * 8] : p.zconst, zlo, zhi);
       const uint4 cur = *reinterpret_cast<const uint4 *>(csm + i * 512);
       uint32_t b[MT][2][4];
 #pragma unroll
@@ -180,7 +227,8 @@ __global__ void __launch_bounds__(NW * 32, CIUIC_PIPE_MIN_BLOCKS) pipe_i4_kernel
         for (int mt = 0; mt < MT; ++mt)
           mma16816<BF16>(acc[mt], a, b[mt][q >> 1][(q & 1) * 2], b[mt][q >> 1][(q & 1) * 2 + 1]);
       }
-      if (((kt + 1) & gmask) == 0 || kt + 1 == kt_end) {  // the group (or the split) ends: scale its sums
+      // the group (or the split) ends: scale its sums
+      if (GT ? (i + 1) % G == 0 : (((kt + 1) & gmask) == 0 || kt + 1 == kt_end)) {
         const uint32_t s2 = ssm[j * 8];
         const float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&s2));
 #pragma unroll

@@ -3,13 +3,13 @@
 
 namespace ciuic {
 
-template <bool BF16, int MT>
+template <bool BF16, int MT, int GT>
 static cudaError_t launch_pipe(Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched) {
   constexpr int NW = CIUIC_PIPE_WARPS, KS = CIUIC_PIPE_KS, P = CIUIC_PIPE_STAGES;
   constexpr int threads = NW * 32;
   constexpr int max_smem = P * pipe_stage_bytes(NW, KS, MT * 8);
   *launched = false;
-  auto kernel = pipe_i4_kernel<BF16, MT, NW, KS, P>;
+  auto kernel = pipe_i4_kernel<BF16, MT, NW, KS, P, GT>;
   // opened once to the largest ring of this instantiation; blocks per multiprocessor once per row count
   static const bool opened =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem) == cudaSuccess;
@@ -45,14 +45,24 @@ static cudaError_t launch_pipe(Params p, const SplitRequest &rq, cudaStream_t st
   return cudaGetLastError();
 }
 
+template <bool BF16, int GT>
+static cudaError_t launch_pipe_mt(Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched) {
+  switch ((p.m + 7) / 8) {
+    case 1: return launch_pipe<BF16, 1, GT>(p, rq, stream, launched);
+    case 2: return launch_pipe<BF16, 2, GT>(p, rq, stream, launched);
+    case 3: return launch_pipe<BF16, 3, GT>(p, rq, stream, launched);
+    default: return launch_pipe<BF16, 4, GT>(p, rq, stream, launched);
+  }
+}
+
 template <bool BF16>
 static cudaError_t launch_pipe_dt(Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched) {
-  switch ((p.m + 7) / 8) {
-    case 1: return launch_pipe<BF16, 1>(p, rq, stream, launched);
-    case 2: return launch_pipe<BF16, 2>(p, rq, stream, launched);
-    case 3: return launch_pipe<BF16, 3>(p, rq, stream, launched);
-    default: return launch_pipe<BF16, 4>(p, rq, stream, launched);
-  }
+  // groups of 2 or 4 tiles (128, 256 inputs) take the compile-time group loop
+  if constexpr (CIUIC_PIPE_STATIC_GROUPS && CIUIC_PIPE_KS % 2 == 0)
+    if (p.gshift == 1) return launch_pipe_mt<BF16, 2>(p, rq, stream, launched);
+  if constexpr (CIUIC_PIPE_STATIC_GROUPS && CIUIC_PIPE_KS % 4 == 0)
+    if (p.gshift == 2) return launch_pipe_mt<BF16, 4>(p, rq, stream, launched);
+  return launch_pipe_mt<BF16, 0>(p, rq, stream, launched);
 }
 
 cudaError_t launch_pipe_int4(bool bf16, Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched) {
