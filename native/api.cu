@@ -123,13 +123,13 @@ static cudaError_t dispatch_moe(int fmt, bool bf16, int mode, CIUIC_LAUNCH_ARGS)
 
 // One grouped MoE step: the int4 GEMV in the block shape asked for (gemv-1x3, gemv-1x7; groups of 128
 // or 256 inputs), else wgemm with the launcher's own staging. grid.z: the step's pairs or tokens. Unasked
-// (auto), up to kGemvAutoM tokens take the GEMV in the shapes measured best on an H100 for DeepSeek-V3's
+// (auto), up to CIUIC_GEMV_AUTO_M tokens take the GEMV in the shapes measured best on an H100 for DeepSeek-V3's
 // experts and the decode benchmark's (native/README.md; 1.35-1.5x faster than wgemm there): down 1 x 7;
 // gate_up 1 x 3 while its blocks fit one wave (4 per multiprocessor), else 1 x 7.
 static int moe_launch(int fmt, bool bf16, int mode, int tokens, const Params &p, dim3 grid, const SplitRequest &rq,
                       cudaStream_t st) {
   SplitRequest rg = rq;
-  if (rg.staging == CIUIC_STAGE_AUTO && tokens <= kGemvAutoM) {
+  if (rg.staging == CIUIC_STAGE_AUTO && tokens <= CIUIC_GEMV_AUTO_M) {
     const bool one_wave = static_cast<int64_t>(p.nt / 2) * grid.z <= 4LL * sm_count();
     rg.staging = mode == GATEUP && one_wave ? CIUIC_STAGE_GEMV_1X3 : CIUIC_STAGE_GEMV_1X7;
   }
@@ -260,7 +260,7 @@ extern "C" int ciuic_wgemm(int fmt, int dtype, const void *x, int m, int n, int 
     // (native/README.md); at 5..8 rows the backend's tuner measures both
     const bool gemv_asked = staging >= CIUIC_STAGE_GEMV && staging <= CIUIC_STAGE_GEMV_2X7;
     if (fmt == CIUIC_FMT_INT4 && ((gemv_asked && mc <= CIUIC_GEMV_MAX_M) ||
-                                  (staging == CIUIC_STAGE_AUTO && mc <= kGemvAutoM))) {
+                                  (staging == CIUIC_STAGE_AUTO && mc <= CIUIC_GEMV_AUTO_M))) {
       SplitRequest rg = rq;
       if (staging == CIUIC_STAGE_AUTO && mc == 1) {
         rg.staging = gemv_auto_shape(p.nt, p.kt);

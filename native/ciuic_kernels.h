@@ -66,6 +66,8 @@ typedef struct CUstream_st *ciuic_stream_t;
 #define CIUIC_STAGE_PIPE 8
 /* batch rows the GEMV takes (larger launches run the general kernel) */
 #define CIUIC_GEMV_MAX_M 8
+/* batch rows up to which CIUIC_STAGE_AUTO takes the int4 GEMV (the tuner races the pipelined kernel above) */
+#define CIUIC_GEMV_AUTO_M 4
 /* rows of x one launch takes; larger batches are cut into launches of this many rows */
 #define CIUIC_MAX_M 32
 /* bytes at the start of a workspace that hold split-K arrival counters (zeroed by the caller once) */

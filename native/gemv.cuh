@@ -75,8 +75,6 @@ __device__ __forceinline__ void stamp(const void *buf, int j) {
 
 constexpr int kGemvWarps = 4;  // warps of a block of the row-tile shape (R = 4, S = 1)
 constexpr int kGemvThreads = kGemvWarps * 32;
-// batch rows up to which CIUIC_STAGE_AUTO takes the GEMV
-constexpr int kGemvAutoM = 4;
 
 #ifndef CIUIC_GEMV_DEPTH
 #define CIUIC_GEMV_DEPTH 4  // tiles of codes in flight per lane (and tiles per unrolled body)

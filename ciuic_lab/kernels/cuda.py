@@ -85,6 +85,7 @@ def tune_splits(staging: int) -> tuple[int, ...]:
         return TUNE_PIPE_SPLITS
     return TUNE_SPLITS if staging <= STAGE_GEMV else TUNE_BLOCK_SPLITS
 GEMV_MAX_M = 8                      # batch rows the int4 GEMV takes (CIUIC_GEMV_MAX_M)
+GEMV_AUTO_M = 4                     # rows up to which `auto` takes the GEMV (CIUIC_GEMV_AUTO_M)
 DT = {torch.bfloat16: 0, torch.float16: 1}
 WORKSPACE_BYTES = 16 << 20          # split-K partial sums (per device and stream)
 MOE_MAX_PAIRS = 256                 # tokens * top_k taken by the grouped MoE launch
@@ -532,7 +533,7 @@ class CudaBackend:
             stagings = None
             if w.fmt == FMT_INT4:  # the GEMV up to 8 rows, the pipelined kernel from 5 rows
                 stagings = (STAGE_CHUNK, STAGE_WHOLE, *(GEMV_STAGINGS if m <= GEMV_MAX_M else ()),
-                            *((STAGE_PIPE,) if m > 4 else ()))
+                            *((STAGE_PIPE,) if m > GEMV_AUTO_M else ()))
             rc = launch(*self._choice(key, launch, x.device, stagings))
         self._check(lib, rc, f"ciuic_wgemm ({w.label()}, x {list(x.shape)} {x.dtype})")
         return out if orig in DT else out.to(orig)

@@ -167,6 +167,7 @@ def test_sources_compile_and_open(tmp_path, monkeypatch):
     # the backend's staging names and block shapes are the header's
     assert len(kc.STAGE_NAMES) == handle.CIUIC_STAGE_PIPE + 1
     assert kc.STAGE_GEMV == handle.CIUIC_STAGE_GEMV
+    assert (kc.GEMV_MAX_M, kc.GEMV_AUTO_M) == (handle.CIUIC_GEMV_MAX_M, handle.CIUIC_GEMV_AUTO_M)
     assert kc.STAGE_PIPE == handle.CIUIC_STAGE_PIPE and kc.STAGE_NAMES[kc.STAGE_PIPE] == "pipe"
     for (r, s), code in kc.STAGE_GEMV_RS.items():
         assert getattr(handle, f"CIUIC_STAGE_GEMV_{r}X{s}") == code
