@@ -140,6 +140,14 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
   }
 }
 
+// Bytes of x picked by `sel` (prmt's default mode): selector nibble i names d's byte i; a nibble with
+// bit 3 set gives the sign of the byte it names, replicated over all 8 bits (0x00 or 0xFF).
+__device__ __forceinline__ uint32_t prmt_sx(uint32_t x, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, 0, %2;" : "=r"(d) : "r"(x), "r"(sel));
+  return d;
+}
+
 // (a & b) | c in one instruction (the compiler splits it when b and c are both immediates)
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t d;
@@ -249,19 +257,23 @@ __device__ __forceinline__ void dequant(uint32_t w0, uint32_t w1, uint32_t zlo, 
     // fp8 e4m3: w0 = bytes (r0.lo, r1.lo, r0.hi, r1.hi), w1 likewise for registers 2 and 3.
     // An e4m3 byte s.eeee.mmm becomes the 16-bit pattern s.0000eeee.mmm0000 (bf16) or
     // s.0eeee.mmm0000000 (fp16): the same number times 2^-120 (bf16) or 2^-8 (fp16), subnormals
-    // included; one multiply by 2^120 / 2^8 restores it exactly.
+    // included; one multiply by 2^120 / 2^8 restores it exactly. One prmt puts each of a register's
+    // two bytes in the low byte of its half and the byte's sign, replicated, in the high byte
+    // (0xSSee); one shift and one mask keep the sign from the high byte and the 7 bits below it.
+    // Selectors: register 0 takes bytes 0 and 2 of its word, register 1 bytes 1 and 3.
+    constexpr uint32_t r0 = 0xA280u, r1 = 0xB391u;
     if constexpr (BF16) {
-      const uint32_t two120 = 0x7B807B80u;
-      a[0] = mul2<true>(((w0 << 4) & 0x07F007F0u) | ((w0 << 8) & 0x80008000u), two120);
-      a[1] = mul2<true>(((w0 >> 4) & 0x07F007F0u) | (w0 & 0x80008000u), two120);
-      a[2] = mul2<true>(((w1 << 4) & 0x07F007F0u) | ((w1 << 8) & 0x80008000u), two120);
-      a[3] = mul2<true>(((w1 >> 4) & 0x07F007F0u) | (w1 & 0x80008000u), two120);
+      const uint32_t two120 = 0x7B807B80u, m = 0x87F087F0u;
+      a[0] = mul2<true>((prmt_sx(w0, r0) << 4) & m, two120);
+      a[1] = mul2<true>((prmt_sx(w0, r1) << 4) & m, two120);
+      a[2] = mul2<true>((prmt_sx(w1, r0) << 4) & m, two120);
+      a[3] = mul2<true>((prmt_sx(w1, r1) << 4) & m, two120);
     } else {
-      const uint32_t two8 = 0x5C005C00u;
-      a[0] = mul2<false>(((w0 << 7) & 0x3F803F80u) | ((w0 << 8) & 0x80008000u), two8);
-      a[1] = mul2<false>(((w0 >> 1) & 0x3F803F80u) | (w0 & 0x80008000u), two8);
-      a[2] = mul2<false>(((w1 << 7) & 0x3F803F80u) | ((w1 << 8) & 0x80008000u), two8);
-      a[3] = mul2<false>(((w1 >> 1) & 0x3F803F80u) | (w1 & 0x80008000u), two8);
+      const uint32_t two8 = 0x5C005C00u, m = 0xBF80BF80u;
+      a[0] = mul2<false>((prmt_sx(w0, r0) << 7) & m, two8);
+      a[1] = mul2<false>((prmt_sx(w0, r1) << 7) & m, two8);
+      a[2] = mul2<false>((prmt_sx(w1, r0) << 7) & m, two8);
+      a[3] = mul2<false>((prmt_sx(w1, r1) << 7) & m, two8);
     }
   }
 }
