@@ -874,12 +874,16 @@ cudaError_t launch_wgemm(Params p, dim3 grid, const SplitRequest &rq, cudaStream
   int smem = chunk_bytes;
   p.whole = 0;
   {
-    // whole mode when asked for and the staged rows fit the budget (with more splits if that makes
-    // them fit); chunk mode otherwise (the default: it measured faster on an H100 without tuning).
+    // whole mode when asked for, and by default for one row of int8 weights, if the staged rows fit
+    // the budget (with more splits if that makes them fit); chunk mode otherwise. Measured on an H100
+    // (DeepSeek-V3's two large shapes, native/README.md): one row of int8 is 0.4-5.4 us faster in
+    // whole mode; fp8 is faster in chunk mode on one of the two, and four rows of either mostly are.
     // Rows are padded by 64 bytes: the 8 rows one 16-byte shared load reads fall in distinct banks.
+    const bool whole = rq.staging == CIUIC_STAGE_WHOLE ||
+                       (rq.staging == CIUIC_STAGE_AUTO && FMT == CIUIC_FMT_INT8 && MODE == PLAIN && p.m == 1);
     const int rows = rq.stage_rows;
     auto bytes = [&](int t) { return rows * (t * 128 + 64); };
-    if (rq.staging == CIUIC_STAGE_WHOLE && bytes(tps) > kWholeBudget && rq.requested == 0) {
+    if (whole && bytes(tps) > kWholeBudget && rq.requested == 0) {
       const int fit = ((kWholeBudget / rows) - 64) / 128 / ck * ck;  // tiles per split that fit
       if (fit >= ck) {
         SplitRequest r2 = r1;
@@ -887,7 +891,7 @@ cudaError_t launch_wgemm(Params p, dim3 grid, const SplitRequest &rq, cudaStream
         s = plan_splits(r2, p.kt, ck, occ, &tps);
       }
     }
-    if (rq.staging == CIUIC_STAGE_WHOLE && bytes(tps) <= kWholeBudget) {
+    if (whole && bytes(tps) <= kWholeBudget) {
       p.whole = 1;
       p.wstride = tps * 128 + 64;
       smem = bytes(tps);
