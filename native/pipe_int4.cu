@@ -10,19 +10,14 @@ static cudaError_t launch_pipe(Params p, const SplitRequest &rq, cudaStream_t st
   constexpr int max_smem = P * pipe_stage_bytes(NW, KS, MT * 8);
   *launched = false;
   auto kernel = pipe_i4_kernel<BF16, MT, NW, KS, P, GT>;
-  // opened once to the largest ring of this instantiation; blocks per multiprocessor once per row count
-  static const bool opened =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem) == cudaSuccess;
+  // opened to the largest ring of this instantiation; blocks per multiprocessor once per row count
   static int fits[CIUIC_MAX_M + 1] = {0};
   const int smem = P * pipe_stage_bytes(NW, KS, p.m);
-  if (opened && fits[p.m] == 0) {
-    int v = 0;
-    fits[p.m] = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, threads, smem) == cudaSuccess && v > 0 ? v : -1;
+  if (fits[p.m] == 0) {
+    const int v = open_and_fit(kernel, threads, max_smem, smem);
+    fits[p.m] = v > 0 ? v : -1;
   }
-  if (!opened || fits[p.m] < 0) {
-    (void)cudaGetLastError();  // (the failed query's error)
-    return cudaSuccess;
-  }  // the ring does not fit this device: not launched
+  if (fits[p.m] < 0) return cudaSuccess;  // the ring does not fit this device: not launched
   SplitRequest r = rq;
   r.mt = 1;
   r.blocks_xz = (p.nt + NW - 1) / NW;

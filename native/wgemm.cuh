@@ -849,13 +849,25 @@ int workspace_splits(const SplitRequest &rq, int blocks);
 int plan_splits(const SplitRequest &rq, int kt, int ck, int occ, int *tps);
 
 // Let `kernel` use up to `max_smem` bytes of dynamic shared memory and return how many of its blocks
-// of `threads` fit on a multiprocessor with `smem` bytes each (`fallback` if the query fails).
+// of `threads` fit on a multiprocessor with `smem` bytes each; 0 when either call fails (this device
+// cannot open it that far, or the query fails). A failure's error is cleared here, so that the next
+// launch's check does not take it for its own.
+template <class Kernel>
+int open_and_fit(Kernel kernel, int threads, int max_smem, int smem) {
+  int v = 0;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, threads, smem) != cudaSuccess || v <= 0) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return v;
+}
+
+// As open_and_fit, `fallback` when it fails.
 template <class Kernel>
 int resident_blocks(Kernel kernel, int threads, int max_smem, int smem, int fallback) {
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
-  int v = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, kernel, threads, smem) != cudaSuccess || v <= 0) v = fallback;
-  return v;
+  const int v = open_and_fit(kernel, threads, max_smem, smem);
+  return v > 0 ? v : fallback;
 }
 
 // Launch one instantiation with its split-K plan; returns the launch's error.
