@@ -20,15 +20,12 @@ import sys
 
 import torch
 
-from ciuic_lab.kernels.cuda import CUDA, DT, LIBRARY, STAGE_CHUNK, STAGE_NAMES, STAGE_WHOLE, build
+from ciuic_lab.kernels.cuda import CUDA, DT, STAGE_CHUNK, STAGE_NAMES, STAGE_WHOLE
 from ciuic_lab.measure.bench_cuda import _Peers, _rel_err, copy_bandwidth, time_calls
 from ciuic_lab.quant import dequantize
+from probe_setup import start
 
-build()
-LIBRARY.get()
-dev = torch.device("cuda")
-gen = torch.Generator(device=dev)
-gen.manual_seed(11)
+dev, gen = start(11)
 l2 = torch.cuda.get_device_properties(dev).L2_cache_size
 out = {"build": sys.argv[1] if len(sys.argv) > 1 else "base", "copy_GBps": copy_bandwidth(), "rows": []}
 for k, n in ((7168, 18432), (18432, 7168)):

@@ -17,20 +17,17 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ciuic_lab.kernels.cuda import CUDA, LIBRARY, build
+from ciuic_lab.kernels.cuda import CUDA
 from ciuic_lab.measure.bench_cuda import _Peers, _rel_err, copy_bandwidth, time_calls
 from ciuic_lab.quant import QuantSpec, dequantize, quantize
+from probe_setup import start
 
 name = sys.argv[1]
 diagnostic = "CIUIC_PROBE=" in os.environ.get("CIUIC_NVCC_FLAGS", "")
 stagings = [int(s) for s in os.environ.get("PROBE_STAGINGS", "2 3").split()]
 batches = [int(s) for s in os.environ.get("PROBE_BATCHES", "1 4 8 16").split()]
 dtypes = os.environ.get("PROBE_DTYPES", "bf16").split()  # activations timed: bf16, fp16 (x cast once)
-build()
-LIBRARY.get()
-dev = torch.device("cuda")
-gen = torch.Generator(device=dev)
-gen.manual_seed(int(os.environ.get("CIUIC_SEED", "7")))
+dev, gen = start(7)
 out = {"variant": name, "flags": os.environ.get("CIUIC_NVCC_FLAGS", ""), "copy_GBps": copy_bandwidth()}
 
 if not diagnostic:

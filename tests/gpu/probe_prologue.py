@@ -25,16 +25,13 @@ import sys
 
 import torch
 
-from ciuic_lab.kernels.cuda import CUDA, LIBRARY, STAGE_GEMV_RS, build
+from ciuic_lab.kernels.cuda import CUDA, STAGE_GEMV_RS
 from ciuic_lab.measure.bench_cuda import _Peers, _rel_err, copy_bandwidth, time_calls, time_chain
 from ciuic_lab.quant import QuantSpec, dequantize, quantize
+from probe_setup import start
 
 name = sys.argv[1] if len(sys.argv) > 1 else "base"
-build()
-LIBRARY.get()
-dev = torch.device("cuda")
-gen = torch.Generator(device=dev)
-gen.manual_seed(int(os.environ.get("CIUIC_SEED", "7")))
+dev, gen = start(7)
 out = {"variant": name, "flags": os.environ.get("CIUIC_NVCC_FLAGS", ""), "copy_GBps": copy_bandwidth()}
 SHAPES = {(7168, 18432): STAGE_GEMV_RS[(3, 3)], (18432, 7168): STAGE_GEMV_RS[(2, 7)]}
 
