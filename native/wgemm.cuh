@@ -259,7 +259,7 @@ __device__ __forceinline__ void dequant(uint32_t w0, uint32_t w1, uint32_t zlo, 
     // s.0eeee.mmm0000000 (fp16): the same number times 2^-120 (bf16) or 2^-8 (fp16), subnormals
     // included; one multiply by 2^120 / 2^8 restores it exactly. One prmt puts each of a register's
     // two bytes in the low byte of its half and the byte's sign, replicated, in the high byte
-    // (0xSSee); one shift and one mask keep the sign from the high byte and the 7 bits below it.
+    // (0xSSbb); one shift and one mask keep the sign from the high byte and the 7 bits below it.
     // Selectors: register 0 takes bytes 0 and 2 of its word, register 1 bytes 1 and 3.
     constexpr uint32_t r0 = 0xA280u, r1 = 0xB391u;
     if constexpr (BF16) {
