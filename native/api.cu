@@ -105,6 +105,19 @@ static int gemv_auto_shape(int nt, int kt) {
   return CIUIC_STAGE_GEMV_1X7;
 }
 
+// Rows up to which CIUIC_STAGE_AUTO takes the GEMV, by format: int4 CIUIC_GEMV_AUTO_M; the 1-byte
+// formats none (the backend's tuner measures the GEMV beside wgemm for them).
+static int gemv_auto_rows(int fmt) { return fmt == CIUIC_FMT_INT4 ? CIUIC_GEMV_AUTO_M : 0; }
+
+static cudaError_t launch_gemv(int fmt, bool bf16, const Params &p, const SplitRequest &rq, cudaStream_t s,
+                               bool *launched) {
+  switch (fmt) {
+    case CIUIC_FMT_INT4: return launch_gemv_int4(bf16, p, rq, s, launched);
+    case CIUIC_FMT_INT8: return launch_gemv_int8(bf16, p, rq, s, launched);
+    default: return launch_gemv_fp8(bf16, p, rq, s, launched);
+  }
+}
+
 static cudaError_t dispatch_plain(int fmt, bool bf16, int mt, CIUIC_LAUNCH_ARGS) {
   switch (fmt) {
     case CIUIC_FMT_INT4: return launch_plain_int4(bf16, mt, p, grid, rq, s);
@@ -256,17 +269,16 @@ extern "C" int ciuic_wgemm(int fmt, int dtype, const void *x, int m, int n, int 
     const SplitRequest rq = split_request(splits, staging, gx, static_cast<int64_t>(mc) * p.nt * 16, workspace, workspace_bytes, mc);
     cudaError_t e = cudaSuccess;
     bool done = false;
-    // the GEMV when asked for (m <= 8), and by default for m <= 4: faster than wgemm there on an H100
-    // (native/README.md); at 5..8 rows the backend's tuner measures both
+    // the GEMV when asked for (m <= 8), and by default up to gemv_auto_rows(fmt) rows: faster than
+    // wgemm there on an H100 (native/README.md); at more rows the backend's tuner measures both
     const bool gemv_asked = staging >= CIUIC_STAGE_GEMV && staging <= CIUIC_STAGE_GEMV_2X7;
-    if (fmt == CIUIC_FMT_INT4 && ((gemv_asked && mc <= CIUIC_GEMV_MAX_M) ||
-                                  (staging == CIUIC_STAGE_AUTO && mc <= CIUIC_GEMV_AUTO_M))) {
+    if ((gemv_asked && mc <= CIUIC_GEMV_MAX_M) || (staging == CIUIC_STAGE_AUTO && mc <= gemv_auto_rows(fmt))) {
       SplitRequest rg = rq;
       if (staging == CIUIC_STAGE_AUTO && mc == 1) {
         rg.staging = gemv_auto_shape(p.nt, p.kt);
         if (rg.staging == CIUIC_STAGE_GEMV_1X7 && rg.requested == 0) rg.requested = 1;  // measured best
       }
-      e = launch_gemv_int4(bf16, p, rg, st, &done);
+      e = launch_gemv(fmt, bf16, p, rg, st, &done);
     }
     // the pipelined kernel when asked for, and by default for 9..16 rows: faster than wgemm there on an
     // H100 (native/README.md)

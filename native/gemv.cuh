@@ -1,8 +1,9 @@
-// gemv.cuh -- int4 GEMV for batches of 1 to 8 rows, on tensor cores, built for occupancy.
+// gemv.cuh -- weight-only GEMV for batches of 1 to 8 rows, on tensor cores, built for occupancy.
 //
-// The same maths and the same tiled layout as wgemm.cuh (cuda_i4x16 codes, scale and zero pairs per
-// row tile and group; mma.m16n8k16 with the weights as the A operand, codes made exact integers
-// q - z with lop3 onto a magic number, each group's fp32 sum scaled once), in a leaner shape:
+// The same maths and the same tiled layouts as wgemm.cuh (cuda_i4x16 / cuda_i8x16 codes with scale
+// and zero pairs per row tile and group, cuda_f8x16 codes with one scale per 128 x 128 block;
+// mma.m16n8k16 with the weights as the A operand, codes dequantized exactly as wgemm's, each group's
+// fp32 sum scaled once), in a leaner shape:
 //
 //   - one row tile and one K range per warp, one batch tile (m <= 8), a register budget of 72 per
 //     thread so that 27-28 warps are resident per multiprocessor where wgemm holds 12: latency is
@@ -17,8 +18,10 @@
 //     cp.async before the main loop (each slice's warps stage their slice and meet on a barrier of
 //     their own; one block barrier where that does not apply); the B fragments come from shared memory with
 //     ldmatrix, the rows past m pointing at row m - 1 (their output columns are never stored);
-//   - codes stream with 16-byte loads DEPTH tiles ahead of use per lane; scale and zero pairs one
-//     group ahead; no barrier and no shared-memory traffic for codes;
+//   - codes stream with 16-byte loads one body ahead of use per lane (a body: CIUIC_GEMV_DEPTH tiles
+//     of int4, half as many of the 1-byte formats, whose tiles are twice the bytes: 64 bytes a lane
+//     either way); scale and zero pairs one group ahead; no barrier and no shared-memory traffic for
+//     codes;
 //   - split-K over blockIdx.y with the same workspace, counters and deterministic reduction as
 //     wgemm (the last block of a row range adds the partial sums in split order).
 #pragma once
@@ -77,8 +80,14 @@ constexpr int kGemvWarps = 4;  // warps of a block of the row-tile shape (R = 4,
 constexpr int kGemvThreads = kGemvWarps * 32;
 
 #ifndef CIUIC_GEMV_DEPTH
-#define CIUIC_GEMV_DEPTH 4  // tiles of codes in flight per lane (and tiles per unrolled body)
+#define CIUIC_GEMV_DEPTH 4  // int4 tiles of codes in flight per lane (and tiles per unrolled body)
 #endif
+
+// 16-byte vectors of a lane per tile (int4: 512-byte tiles; int8, fp8: 1024) and tiles per body
+__host__ __device__ constexpr int gemv_vpt(int fmt) { return fmt == CIUIC_FMT_INT4 ? 1 : 2; }
+__host__ __device__ constexpr int gemv_depth(int fmt) {
+  return CIUIC_GEMV_DEPTH / gemv_vpt(fmt) > 0 ? CIUIC_GEMV_DEPTH / gemv_vpt(fmt) : 1;
+}
 #ifndef CIUIC_GEMV_SM_WARPS
 #define CIUIC_GEMV_SM_WARPS 28  // resident warps per multiprocessor the registers are cut for (72 each)
 #endif
@@ -91,6 +100,12 @@ constexpr int kGemvMaxBytes = 96 * 1024;
 // Weight row tiles of a block of R output row tiles: gate_up reads two per output tile (the gate tile
 // and its up tile), the other modes one.
 __host__ __device__ constexpr int gemv_rows(int r, int mode) { return mode == GATEUP ? 2 * r : r; }
+
+// One tile's codes in a lane's registers (VPT 16-byte vectors)
+template <int V>
+struct GemvCodes {
+  uint4 v[V];
+};
 
 // One slot of the MoE down step: its expert's tiled arrays (NULL codes: an id out of range) and
 // routing weight; 32 bytes, kept in shared memory.
@@ -113,18 +128,22 @@ struct GemvSlot {
 // tiles, silu(gate) * up in the epilogue); DOWN (blockIdx.z: one token; K runs over its slots, each
 // padded to p.ktp tiles, every group's scale times the slot's routing weight, so the sum over the
 // slots is the sum over K).
-template <bool BF16, int GT, int R, int S, int MODE>
+// FMT: CIUIC_FMT_INT4, _INT8 or _FP8 (the MoE modes: int4 only). fp8's groups are its 128 x 128 blocks:
+// 2 tiles along K, one fp32 scale for 8 row tiles, no zero points.
+template <int FMT, bool BF16, int GT, int R, int S, int MODE>
 __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
                                   CIUIC_GEMV_SM_WARPS / (gemv_rows(R, MODE) * S) > 0
                                       ? CIUIC_GEMV_SM_WARPS / (gemv_rows(R, MODE) * S)
                                       : 1)
-    gemv_i4_kernel(const Params p) {
+    gemv_kernel(const Params p) {
   constexpr int RW = gemv_rows(R, MODE);
   constexpr int kThr = 32 * RW * S;
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
-  constexpr int D = CIUIC_GEMV_DEPTH;
+  constexpr int D = gemv_depth(FMT);
+  constexpr int VPT = gemv_vpt(FMT);
+  constexpr bool F8 = FMT == CIUIC_FMT_FP8;
   static_assert(GT == 0 || D % (GT > 0 ? GT : 1) == 0, "a body holds whole groups");
-  static_assert(MODE == PLAIN || GT > 0, "the MoE steps take groups of 2 or 4 tiles");
+  static_assert(MODE == PLAIN || (GT > 0 && FMT == CIUIC_FMT_INT4), "the MoE steps: int4 in groups of 2 or 4 tiles");
   constexpr int NG = GT > 0 ? D / GT : 1;  // groups per body
   extern __shared__ __align__(128) unsigned char dsm[];
   __shared__ int s_last;
@@ -228,9 +247,10 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
     advance(cj, ckk);
   };
 
-  // codes: the first D tiles in flight before x is staged
-  const uint4 *cp = (MODE == GATEUP ? ex.codes : p.codes) + (wrow + kt_begin) * 32 + lane;
-  uint4 w[D];
+  // codes: the first D tiles in flight before x is staged (tile i's vector v of this lane at
+  // cp + (i * VPT + v) * 32)
+  const uint4 *cp = (MODE == GATEUP ? ex.codes : p.codes) + (wrow + kt_begin) * (32 * VPT) + lane;
+  uint4 w[D * VPT];
   if constexpr (MODE == DOWN) {
     const uint4 *np;
     int nv;
@@ -239,12 +259,19 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
     for (int d = 0; d < D; ++d) w[d] = d < nv ? ld_stream(np + d * 32) : make_uint4(0, 0, 0, 0);
   } else {
 #pragma unroll
-    for (int d = 0; d < D; ++d) w[d] = (live && d < nkt) ? ld_stream(cp + d * 32) : make_uint4(0, 0, 0, 0);
+    for (int d = 0; d < D * VPT; ++d)
+      w[d] = (live && d / VPT < nkt) ? ld_stream(cp + d * 32) : make_uint4(0, 0, 0, 0);
   }
 
-  const size_t gb = static_cast<size_t>(live ? ntile : 0) * p.n_groups * 8 + g;
+  // this lane's scale (and zero) pair of group gi at sb[gi * GS] (zb[gi * GS]): the int formats, the
+  // pair of rows g, g + 8 of its row tile, 8 pairs a group; fp8, the scale of its block (of 8 row
+  // tiles), one a group, and no zero points
+  constexpr int GS = F8 ? 1 : 8;
+  const size_t gb = F8 ? static_cast<size_t>((live ? ntile : 0) >> 3) * p.kb
+                       : static_cast<size_t>(live ? ntile : 0) * p.n_groups * 8 + g;
   const uint32_t *sb = static_cast<const uint32_t *>(MODE == GATEUP ? ex.scales : p.scales) + gb;
-  const uint16_t *zb = MODE == GATEUP ? (ex.zeros ? ex.zeros + gb : nullptr) : (p.zeros ? p.zeros + gb : nullptr);
+  const uint16_t *zb = F8 ? nullptr
+                          : MODE == GATEUP ? (ex.zeros ? ex.zeros + gb : nullptr) : (p.zeros ? p.zeros + gb : nullptr);
   static_assert(NG <= 2, "zero pairs of a body are packed in one word");
   // scale pairs of the groups of the body starting at tile i0, and their zero pairs packed in one
   // word (group j in bits 16j..16j+15); down: of the body at (sj, skk), whose routing weight goes to rw
@@ -270,8 +297,8 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
     for (int j = 0; j < NG; ++j) {
       const int gi = g0 + j;
       const bool ok = have && gi < p.n_groups;
-      sg[j] = ok ? __ldg(sp + gi * 8) : 0u;
-      zg |= ((ok && zp) ? static_cast<uint32_t>(__ldg(zp + gi * 8)) : p.zconst) << (16 * j);
+      sg[j] = ok ? __ldg(sp + gi * GS) : 0u;
+      zg |= ((ok && zp) ? static_cast<uint32_t>(__ldg(zp + gi * GS)) : p.zconst) << (16 * j);
     }
   };
   uint32_t sc[NG], sn[NG], zc = 0, zn = 0;
@@ -342,9 +369,14 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
   // min(r, m - 1)
   const uint32_t xaddr = smem_u32(dsm) + min(lane & 7, m_rows - 1) * rs + (lane >> 3) * 16 + slice * p.tps * 128;
 
-  // end of a group: its sums times its scale pair (down: and the slot's routing weight) into the totals
+  // end of a group: its sums times its scale pair (fp8: its block's scale; down: and the slot's routing
+  // weight) into the totals
   auto scale_into = [&](uint32_t s2) {
-    float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&s2));
+    float2 f;
+    if constexpr (F8)
+      f.x = f.y = __uint_as_float(s2);
+    else
+      f = __half22float2(*reinterpret_cast<const __half2 *>(&s2));
     if constexpr (MODE == DOWN) {
       f.x *= rwc;
       f.y *= rwc;
@@ -355,16 +387,25 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
     tot[3] = fmaf(acc[3], f.y, tot[3]);
     acc[0] = acc[1] = acc[2] = acc[3] = 0.0f;
   };
-  // one tile: x fragments from shared memory, 4 k16 steps of dequant + mma
-  auto tile = [&](const uint4 cur, int i, uint32_t zlo, uint32_t zhi) {
+  // one tile: x fragments from shared memory, 4 k16 steps of dequant + mma (the words of a k16 step
+  // as wgemm reads them: int4, one word; the 1-byte formats, two)
+  auto tile = [&](const GemvCodes<VPT> cur, int i, uint32_t zlo, uint32_t zhi) {
     uint32_t b[2][4];
     ldsm_x4(b[0], xaddr + i * 128);
     ldsm_x4(b[1], xaddr + i * 128 + 64);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const uint32_t word = q == 0 ? cur.x : q == 1 ? cur.y : q == 2 ? cur.z : cur.w;
+      uint32_t w0, w1 = 0;
+      if constexpr (VPT == 1) {
+        const uint4 u = cur.v[0];
+        w0 = q == 0 ? u.x : q == 1 ? u.y : q == 2 ? u.z : u.w;
+      } else {
+        const uint4 u = cur.v[q >> 1];
+        w0 = (q & 1) ? u.z : u.x;
+        w1 = (q & 1) ? u.w : u.y;
+      }
       uint32_t a[4];
-      dequant<CIUIC_FMT_INT4, BF16>(word, 0, zlo, zhi, a);
+      dequant<FMT, BF16>(w0, w1, zlo, zhi, a);
       mma16816<BF16>(acc, a, b[q >> 1][(q & 1) * 2], b[q >> 1][(q & 1) * 2 + 1]);
     }
   };
@@ -384,31 +425,36 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
         locate_body(i + D, np, nv);
 #pragma unroll
         for (int d = 0; d < D; ++d) {
-          const uint4 cur = w[d];
+          GemvCodes<VPT> cur;
+          cur.v[0] = w[d];  // (int4: VPT == 1)
           if (d < nv) w[d] = ld_stream(np + d * 32);
-          if (d % GT == 0) zero_words<CIUIC_FMT_INT4, BF16>(zc >> (16 * (d / GT)), zlo, zhi);
+          if (d % GT == 0) zero_words<FMT, BF16>(zc >> (16 * (d / GT)), zlo, zhi);
           tile(cur, i + d, zlo, zhi);
           if ((d + 1) % GT == 0) scale_into(sc[d / GT]);
         }
       } else {
 #pragma unroll
         for (int d = 0; d < D; ++d) {
+          GemvCodes<VPT> cur;
+#pragma unroll
+          for (int v = 0; v < VPT; ++v) {
 #if CIUIC_PROBE == 2
-          const uint32_t h = (lane * 0x9E3779B9u) ^ static_cast<uint32_t>((i + d) * 0x85EBCA6Bu);
-          const uint4 cur = make_uint4(h, h >> 3, h ^ 0x5A5A5A5Au, h + 0x01010101u);
+            const uint32_t h = (lane * 0x9E3779B9u) ^ static_cast<uint32_t>(((i + d) * VPT + v) * 0x85EBCA6Bu);
+            cur.v[v] = make_uint4(h, h >> 3, h ^ 0x5A5A5A5Au, h + 0x01010101u);
 #else
-          const uint4 cur = w[d];
-          if (i + d + D < nkt) w[d] = ld_stream(cp + (d + D) * 32);
+            cur.v[v] = w[d * VPT + v];
+            if (i + d + D < nkt) w[d * VPT + v] = ld_stream(cp + ((d + D) * VPT + v) * 32);
 #endif
+          }
 #if CIUIC_PROBE == 1
-          sink ^= cur.x ^ cur.y ^ cur.z ^ cur.w;
+          sink ^= cur.v[0].x ^ cur.v[0].y ^ cur.v[VPT - 1].z ^ cur.v[VPT - 1].w;
           continue;
 #endif
-          if (d % GT == 0) zero_words<CIUIC_FMT_INT4, BF16>(zc >> (16 * (d / GT)), zlo, zhi);
+          if (d % GT == 0) zero_words<FMT, BF16>(zc >> (16 * (d / GT)), zlo, zhi);
           tile(cur, i + d, zlo, zhi);
           if ((d + 1) % GT == 0) scale_into(sc[d / GT]);
         }
-        cp += D * 32;
+        cp += D * VPT * 32;
       }
 #pragma unroll
       for (int j = 0; j < NG; ++j) sc[j] = sn[j];
@@ -417,7 +463,7 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
       if (i + 2 * D < nkt) load_groups(i + 2 * D, sn, zn, rwn);
     }
     i0 = nfull;
-    cp -= nfull * 32;
+    cp -= nfull * VPT * 32;
   }
 
   // run-time path: tiles [i0, nkt) one at a time (every tile for GT == 0, the last split's tail for
@@ -429,13 +475,13 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
     uint32_t s_cur, s_nxt = 0, z_nxt = p.zconst, zlo, zhi;
     {
       const int g0 = (kt_begin + i0) >> gshift;
-      s_cur = __ldg(sb + g0 * 8);
-      const uint32_t z0 = zb ? static_cast<uint32_t>(__ldg(zb + g0 * 8)) : p.zconst;
+      s_cur = __ldg(sb + g0 * GS);
+      const uint32_t z0 = zb ? static_cast<uint32_t>(__ldg(zb + g0 * GS)) : p.zconst;
       if (gnext < p.n_groups) {
-        s_nxt = __ldg(sb + gnext * 8);
-        if (zb) z_nxt = __ldg(zb + gnext * 8);
+        s_nxt = __ldg(sb + gnext * GS);
+        if (zb) z_nxt = __ldg(zb + gnext * GS);
       }
-      zero_words<CIUIC_FMT_INT4, BF16>(z0, zlo, zhi);
+      zero_words<FMT, BF16>(z0, zlo, zhi);
     }
     for (int base = i0; base < nkt; base += D) {
 #pragma unroll
@@ -443,24 +489,28 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
         const int i = base + d;
         if (i >= nkt) break;
         const int kt = kt_begin + i;
+        GemvCodes<VPT> cur;
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) {
 #if CIUIC_PROBE == 2
-        const uint32_t h = (lane * 0x9E3779B9u) ^ static_cast<uint32_t>(i * 0x85EBCA6Bu);
-        const uint4 cur = make_uint4(h, h >> 3, h ^ 0x5A5A5A5Au, h + 0x01010101u);
+          const uint32_t h = (lane * 0x9E3779B9u) ^ static_cast<uint32_t>((i * VPT + v) * 0x85EBCA6Bu);
+          cur.v[v] = make_uint4(h, h >> 3, h ^ 0x5A5A5A5Au, h + 0x01010101u);
 #else
-        const uint4 cur = w[d];
-        if (i + D < nkt) w[d] = ld_stream(cp + (i + D) * 32);
+          cur.v[v] = w[d * VPT + v];
+          if (i + D < nkt) w[d * VPT + v] = ld_stream(cp + ((i + D) * VPT + v) * 32);
 #endif
+        }
 #if CIUIC_PROBE == 1
-        sink ^= cur.x ^ cur.y ^ cur.z ^ cur.w;
+        sink ^= cur.v[0].x ^ cur.v[0].y ^ cur.v[VPT - 1].z ^ cur.v[VPT - 1].w;
         continue;
 #endif
         if (i > i0 && (kt & gmask) == 0) {  // a new group: its pairs were loaded one group ahead
           s_cur = s_nxt;
-          zero_words<CIUIC_FMT_INT4, BF16>(z_nxt, zlo, zhi);
+          zero_words<FMT, BF16>(z_nxt, zlo, zhi);
           ++gnext;
           if (gnext < p.n_groups) {
-            s_nxt = __ldg(sb + gnext * 8);
-            if (zb) z_nxt = __ldg(zb + gnext * 8);
+            s_nxt = __ldg(sb + gnext * GS);
+            if (zb) z_nxt = __ldg(zb + gnext * GS);
           }
         }
         tile(cur, i, zlo, zhi);
@@ -580,11 +630,11 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
 // tokens; 1 for a plain linear). Splits across blocks: as requested, else the most that keep every
 // block in one wave, raised until x fits kGemvMaxBytes. *launched is false (nothing launched) when x
 // cannot fit because there is no workspace to split K with; the caller then takes wgemm.
-template <bool BF16, int GT, int R, int S, int MODE>
+template <int FMT, bool BF16, int GT, int R, int S, int MODE>
 cudaError_t launch_gemv_slices(Params p, const SplitRequest &rq, int gz, cudaStream_t stream, bool *launched) {
-  constexpr int D = CIUIC_GEMV_DEPTH, RW = gemv_rows(R, MODE), threads = 32 * RW * S;
+  constexpr int D = gemv_depth(FMT), RW = gemv_rows(R, MODE), threads = 32 * RW * S;
   *launched = false;
-  auto kernel = gemv_i4_kernel<BF16, GT, R, S, MODE>;
+  auto kernel = gemv_kernel<FMT, BF16, GT, R, S, MODE>;
   // resident blocks per multiprocessor as the registers allow, once per instantiation
   static const int occ_regs = resident_blocks(kernel, threads, kGemvMaxBytes, 0, 1);
   const int sms = sm_count(), smem_sm = sm_shared_bytes();
@@ -630,13 +680,74 @@ cudaError_t launch_gemv_slices(Params p, const SplitRequest &rq, int gz, cudaStr
   return cudaGetLastError();
 }
 
-// Launch the GEMV for one launch of m <= 8 rows (int4, plain linear), in the block shape rq.staging
-// names: CIUIC_STAGE_GEMV, 4 row tiles of one K range per block (splits: as requested, raised until
-// the staged x fits kGemvMaxBytes, else the most that fit one wave of resident blocks, raised until x
-// fits kGemvBudget); CIUIC_STAGE_GEMV_<R>X<S>, launch_gemv_slices. *launched is false (and nothing is
-// launched) when x cannot fit because there is no workspace to split K with; the caller then takes
-// wgemm.
+// Blocks of 4 row tiles, each warp its own tile over the block's K range (CIUIC_STAGE_GEMV).
+template <int FMT, bool BF16, int GT>
+cudaError_t launch_gemv_rows(Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched) {
+  constexpr int D = gemv_depth(FMT);
+  *launched = false;
+  auto kernel = gemv_kernel<FMT, BF16, GT, kGemvWarps, 1, PLAIN>;
+  // resident blocks per multiprocessor at the default budget, once per instantiation
+  static const int occ = resident_blocks(kernel, kGemvThreads, kGemvMaxBytes, kGemvBudget, 4);
+  // tiles per split (a multiple of D) whose staged x fits `bytes`
+  const int rows = p.m;
+  auto fit = [&](int bytes) { return ((bytes - 16 * rows) / (rows * 128)) / D * D; };
+  SplitRequest r = rq;
+  r.mt = 1;
+  const int cap = fit(kGemvMaxBytes);
+  if (r.requested == 0) {
+    const int budget = fit(kGemvBudget);
+    r.min_splits = (p.kt + budget - 1) / budget;
+  } else if (cap * r.requested < p.kt) {
+    r.requested = (p.kt + cap - 1) / cap;
+  }
+  int tps = 0;
+  const int s = plan_splits(r, p.kt, D, occ, &tps);
+  if (tps > cap) return cudaSuccess;  // too few splits (no workspace) for x to fit: not launched
+  p.tps = tps;
+  p.wstride = tps * 128 + 16;
+  const int smem = rows * p.wstride;
+  dim3 grid((p.nt + kGemvWarps - 1) / kGemvWarps, s, 1);
+  kernel<<<grid, kGemvThreads, smem, stream>>>(p);
+  *launched = true;
+  return cudaGetLastError();
+}
+
+template <int FMT, bool BF16, int GT>
+cudaError_t launch_gemv_shape(Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched) {
+  switch (rq.staging) {
+    case CIUIC_STAGE_GEMV_1X3: return launch_gemv_slices<FMT, BF16, GT, 1, 3, PLAIN>(p, rq, 1, stream, launched);
+    case CIUIC_STAGE_GEMV_1X7: return launch_gemv_slices<FMT, BF16, GT, 1, 7, PLAIN>(p, rq, 1, stream, launched);
+    case CIUIC_STAGE_GEMV_3X3: return launch_gemv_slices<FMT, BF16, GT, 3, 3, PLAIN>(p, rq, 1, stream, launched);
+    case CIUIC_STAGE_GEMV_2X7: return launch_gemv_slices<FMT, BF16, GT, 2, 7, PLAIN>(p, rq, 1, stream, launched);
+    default: return launch_gemv_rows<FMT, BF16, GT>(p, rq, stream, launched);
+  }
+}
+
+// Groups of 2 or 4 tiles (128, 256 inputs) take the compile-time group loop when a body holds them
+// (fp8's 128 x 128 blocks always do); other groups the run-time one.
+template <int FMT, bool BF16>
+cudaError_t launch_gemv_groups(Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched) {
+  constexpr int D = gemv_depth(FMT);
+  if constexpr (FMT == CIUIC_FMT_FP8 && D % 2 == 0) {
+    return launch_gemv_shape<FMT, BF16, 2>(p, rq, stream, launched);
+  } else {
+    if constexpr (D % 2 == 0)
+      if (p.gshift == 1) return launch_gemv_shape<FMT, BF16, 2>(p, rq, stream, launched);
+    if constexpr (D % 4 == 0)
+      if (p.gshift == 2) return launch_gemv_shape<FMT, BF16, 4>(p, rq, stream, launched);
+    return launch_gemv_shape<FMT, BF16, 0>(p, rq, stream, launched);
+  }
+}
+
+// Launch the GEMV for one launch of m <= 8 rows (plain linear; one source file per format), in the
+// block shape rq.staging names: CIUIC_STAGE_GEMV, 4 row tiles of one K range per block (splits: as
+// requested, raised until the staged x fits kGemvMaxBytes, else the most that fit one wave of resident
+// blocks, raised until x fits kGemvBudget); CIUIC_STAGE_GEMV_<R>X<S>, launch_gemv_slices. *launched
+// is false (and nothing is launched) when x cannot fit because there is no workspace to split K
+// with; the caller then takes wgemm.
 cudaError_t launch_gemv_int4(bool bf16, Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched);
+cudaError_t launch_gemv_int8(bool bf16, Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched);
+cudaError_t launch_gemv_fp8(bool bf16, Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched);
 
 // The same for one of the grouped MoE steps (mode GATEUP or DOWN; p as the step's entry point fills it,
 // gz its blocks along z: (token, slot) pairs for gate_up, tokens for down), in the block shapes

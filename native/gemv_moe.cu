@@ -6,8 +6,8 @@ namespace ciuic {
 template <bool BF16, int GT, int MODE>
 static cudaError_t launch_moe_shape(Params p, const SplitRequest &rq, int gz, cudaStream_t stream, bool *launched) {
   switch (rq.staging) {
-    case CIUIC_STAGE_GEMV_1X3: return launch_gemv_slices<BF16, GT, 1, 3, MODE>(p, rq, gz, stream, launched);
-    case CIUIC_STAGE_GEMV_1X7: return launch_gemv_slices<BF16, GT, 1, 7, MODE>(p, rq, gz, stream, launched);
+    case CIUIC_STAGE_GEMV_1X3: return launch_gemv_slices<CIUIC_FMT_INT4, BF16, GT, 1, 3, MODE>(p, rq, gz, stream, launched);
+    case CIUIC_STAGE_GEMV_1X7: return launch_gemv_slices<CIUIC_FMT_INT4, BF16, GT, 1, 7, MODE>(p, rq, gz, stream, launched);
     default: *launched = false; return cudaSuccess;
   }
 }

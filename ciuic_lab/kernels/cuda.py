@@ -15,9 +15,9 @@ What happens, and when:
   (``native/repack.cu``); :meth:`linear` and :meth:`moe` launch on the current torch stream with the
   tensors' ``data_ptr()``, after checking device, dtype, shape and contiguity, and turn every error
   code into a :class:`~ciuic_lab.errors.KernelError` naming the call and CUDA's message;
-- the first launch of each shape times the launch plans (split-K count, how x is staged, and for
-  int4 at batch <= 8 the GEMV of ``native/gemv.cuh``) on a cold L2 cache and keeps the fastest for
-  that shape (``CIUIC_CUDA_TUNE=0``: the launcher's own plan).
+- the first launch of each shape times the launch plans (split-K count, how x is staged, at batch
+  <= 8 the GEMV of ``native/gemv.cuh``, and for int4 from 5 rows the pipelined kernel) on a cold L2
+  cache and keeps the fastest for that shape (``CIUIC_CUDA_TUNE=0``: the launcher's own plan).
 
 The C interface is ``native/ciuic_kernels.h``; its CDEF block is the cffi ``cdef`` as it is.
 """
@@ -50,7 +50,8 @@ except ImportError:  # pragma: no cover - exercised by a test that hides cffi
     cffi = None
 
 HEADER = "ciuic_kernels.h"
-SOURCES = ("api.cu", "repack.cu", "wgemm_int4.cu", "wgemm_int8.cu", "wgemm_fp8.cu", "gemv_int4.cu", "gemv_moe.cu", "pipe_int4.cu", "route.cu")
+SOURCES = ("api.cu", "repack.cu", "wgemm_int4.cu", "wgemm_int8.cu", "wgemm_fp8.cu", "gemv_int4.cu", "gemv_int8.cu",
+           "gemv_fp8.cu", "gemv_moe.cu", "pipe_int4.cu", "route.cu")
 INCLUDES = (HEADER, "wgemm.cuh", "gemv.cuh", "pipe.cuh")
 # machine code for these (plus PTX of the last); CIUIC_CUDA_ARCHS="90" builds for one GPU only, faster
 ARCHS = tuple(os.environ.get("CIUIC_CUDA_ARCHS", "80 90").split()) or ("80", "90")
@@ -65,7 +66,7 @@ GENERIC_LAYOUTS = ("rowmajor", "auto")
 
 FMT_INT4, FMT_INT8, FMT_FP8 = 0, 1, 2
 STAGE_AUTO, STAGE_WHOLE, STAGE_CHUNK, STAGE_GEMV = 0, 1, 2, 3
-# the int4 GEMV in blocks of R row tiles whose K range S warps share (CIUIC_STAGE_GEMV_<R>X<S>)
+# the GEMV in blocks of R row tiles whose K range S warps share (CIUIC_STAGE_GEMV_<R>X<S>)
 STAGE_GEMV_RS = {(1, 3): 4, (1, 7): 5, (3, 3): 6, (2, 7): 7}
 # int4 with codes, scale pairs and x streamed through a ring of shared-memory stages (CIUIC_STAGE_PIPE)
 STAGE_PIPE = 8
@@ -84,8 +85,8 @@ def tune_splits(staging: int) -> tuple[int, ...]:
     if staging == STAGE_PIPE:
         return TUNE_PIPE_SPLITS
     return TUNE_SPLITS if staging <= STAGE_GEMV else TUNE_BLOCK_SPLITS
-GEMV_MAX_M = 8                      # batch rows the int4 GEMV takes (CIUIC_GEMV_MAX_M)
-GEMV_AUTO_M = 4                     # rows up to which `auto` takes the GEMV (CIUIC_GEMV_AUTO_M)
+GEMV_MAX_M = 8                      # batch rows the GEMV takes (CIUIC_GEMV_MAX_M)
+GEMV_AUTO_M = 4                     # rows up to which `auto` takes the int4 GEMV (CIUIC_GEMV_AUTO_M)
 DT = {torch.bfloat16: 0, torch.float16: 1}
 WORKSPACE_BYTES = 16 << 20          # split-K partial sums (per device and stream)
 MOE_MAX_PAIRS = 256                 # tokens * top_k taken by the grouped MoE launch
@@ -530,10 +531,9 @@ class CudaBackend:
                 return lib.ciuic_wgemm(*args, splits, staging, sp)
 
             key = ("linear", x.device.index, w.fmt, DT[x.dtype], w.n, w.k, w.group, w.zeros is None, _m_bucket(m))
-            stagings = None
-            if w.fmt == FMT_INT4:  # the GEMV up to 8 rows, the pipelined kernel from 5 rows
-                stagings = (STAGE_CHUNK, STAGE_WHOLE, *(GEMV_STAGINGS if m <= GEMV_MAX_M else ()),
-                            *((STAGE_PIPE,) if m > GEMV_AUTO_M else ()))
+            # the GEMV up to 8 rows (every format), the pipelined kernel from 5 rows (int4)
+            stagings = (STAGE_CHUNK, STAGE_WHOLE, *(GEMV_STAGINGS if m <= GEMV_MAX_M else ()),
+                        *((STAGE_PIPE,) if w.fmt == FMT_INT4 and m > GEMV_AUTO_M else ()))
             rc = launch(*self._choice(key, launch, x.device, stagings))
         self._check(lib, rc, f"ciuic_wgemm ({w.label()}, x {list(x.shape)} {x.dtype})")
         return out if orig in DT else out.to(orig)

@@ -2,7 +2,7 @@
 
     ncu -k regex:wgemm_kernel --launch-skip 3 --launch-count 1 python3 tests/gpu/ncu_int4.py K N M SPLITS [STAGING]
 
-STAGING: 2 (chunked wgemm, the default here) or 3 (the GEMV, kernel gemv_i4_kernel).
+STAGING: 2 (chunked wgemm, the default here) or 3 (the GEMV, kernel gemv_kernel).
 """
 
 import sys

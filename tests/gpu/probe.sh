@@ -23,7 +23,7 @@ for v in $VARIANTS; do
     > "$OUT/probe-$name.log" 2>&1 || { echo "$name: failed"; tail -5 "$OUT/probe-$name.log"; }
   lib=$(ls /tmp/probe-$name/libciuic_kernels-*.so 2>/dev/null | head -1)
   if [ -n "$lib" ] && command -v cuobjdump > /dev/null; then
-    cuobjdump -sass "$lib" | awk '/Function : .*gemv_i4_kernelILb1ELi2E/{on=1} /Function : / && !/gemv_i4_kernelILb1ELi2E/{on=0} on' \
+    cuobjdump -sass "$lib" | awk '/Function : .*gemv_kernelILi0ELb1ELi2E/{on=1} /Function : / && !/gemv_kernelILi0ELb1ELi2E/{on=0} on' \
       > "$OUT/sass-$name.txt" 2>&1
   fi
 done

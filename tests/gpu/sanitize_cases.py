@@ -26,7 +26,7 @@ SPECS = [
 
 
 PLANS = ((0, 0), (2, 2), (0, 1), (3, 1))  # (splits, staging): launcher's own, chunked, whole
-GEMV_PLANS = ((0, 3), (3, 3), (0, 4), (2, 5), (0, 6), (2, 7))  # int4 only: the GEMV (batches of 1 to 8 rows)
+GEMV_PLANS = ((0, 3), (3, 3), (0, 4), (2, 5), (0, 6), (2, 7))  # the GEMV (batches of 1 to 8 rows; every format)
 PIPE_PLANS = ((0, 8), (3, 8))  # int4 only: the pipelined kernel (any batch)
 MOE_GEMV_PLANS = ((0, 4), (3, 4), (0, 5), (2, 5))  # int4 only: the MoE steps on the GEMV (g128; channel falls back)
 
@@ -50,7 +50,7 @@ def main(quick: bool) -> int:
             wd = dequantize(qt, torch.float64)
             for dtype in dtypes:
                 for m in batches:
-                    for splits, staging in PLANS + (GEMV_PLANS + PIPE_PLANS if spec.bits == 4 and not spec.is_fp8 else ()):
+                    for splits, staging in PLANS + GEMV_PLANS + (PIPE_PLANS if spec.bits == 4 and not spec.is_fp8 else ()):
                         CUDA.splits, CUDA.staging = splits, staging
                         x = torch.randn(m, k, device=dev).to(dtype)
                         y = CUDA.linear(x, p)

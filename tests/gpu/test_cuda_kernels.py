@@ -165,14 +165,17 @@ def check_every_plan(spec, dtype, gen, n: int, k: int, m: int, trial: int, plans
         assert torch.equal(y1, y2), f"{what}: two runs differ (a race?) (seed {SEED})"
 
 
-GEMV_SPECS = ["int4-asym-g128", "int4-sym-g64", "int4-asym-g256", "int4-asym-channel", "int4-sym-tensor"]
+PIPE_SPECS = ["int4-asym-g128", "int4-sym-g64", "int4-asym-g256", "int4-asym-channel", "int4-sym-tensor"]
+# the 1-byte formats: int8 in groups of 2 tiles (the compile-time group loop), of 1 tile and of a row
+# (the run-time one), fp8 in its 128 x 128 blocks
+GEMV_SPECS = PIPE_SPECS + ["int8-asym-g128", "int8-asym-g64", "int8-sym-channel", "fp8"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", GEMV_SPECS)
 def test_gemv_random_shapes_every_split(name, dtype):
-    """The int4 GEMV (stagings 3 to 7, every block shape; batches of 1 to 8 rows; 9 rows and more take the general
-    kernel) on fresh shapes, every split-K count from the launcher's own to more splits than K tiles,
+    """The GEMV (stagings 3 to 7, every block shape; batches of 1 to 8 rows; 9 rows and more take the general
+    kernel), int4, int8 and fp8, on fresh shapes, every split-K count from the launcher's own to more splits than K tiles,
     x 16-byte aligned or not; two runs agree bit for bit."""
     spec = SPECS[name]
     r = rng_for(f"gemv-{name}-{dtype}")
@@ -193,7 +196,7 @@ def test_gemv_random_shapes_every_split(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("name", GEMV_SPECS)
+@pytest.mark.parametrize("name", PIPE_SPECS)
 def test_pipe_random_shapes_every_split(name, dtype):
     """The int4 kernel with codes, scale pairs and x streamed through shared memory (staging 8, "pipe")
     on fresh shapes: odd N, K off the tile, 1 to 33 rows (33: a second launch of one row), split-K from
@@ -210,6 +213,38 @@ def test_pipe_random_shapes_every_split(name, dtype):
             k = r.choice([r.randrange(1, 200) * 8, r.randrange(1, 900), r.randrange(700, 3000) // 8 * 8])
             m = r.choice(BATCHES)
             check_every_plan(spec, dtype, gen, n, k, m, trial, [(s, pipe) for s in (0, 1, 2, 3, 5, 64)], f"pipe {name}")
+    finally:
+        CUDA.splits, CUDA.staging = 0, 0
+
+
+def cuda_kernel_names(run) -> list[str]:
+    """The CUDA kernels ``run()`` launches (run once before, so that no first-use work is profiled)."""
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("name", ["int8-asym-g128", "int8-sym-channel", "fp8"])
+def test_byte_formats_run_on_the_gemv_when_asked(name):
+    """int8 and fp8 launch the GEMV's kernel (not wgemm) when one of its block shapes is asked for, and
+    wgemm when it is not (staging auto, 9 rows)."""
+    gen = torch.Generator(device=DEV)
+    gen.manual_seed(SEED)
+    p = CUDA.prepare(quantize(random_weight(200, 1000, gen), SPECS[name]))
+    x1 = torch.randn(1, 1000, device=DEV, generator=gen).to(torch.bfloat16)
+    x9 = torch.randn(9, 1000, device=DEV, generator=gen).to(torch.bfloat16)
+    try:
+        for staging in range(3, 8):
+            CUDA.splits, CUDA.staging = 0, staging
+            names = cuda_kernel_names(lambda: CUDA.linear(x1, p))
+            assert any("gemv_kernel" in n for n in names) and not any("wgemm_kernel" in n for n in names), \
+                (STAGE_NAMES[staging], names)
+        CUDA.splits, CUDA.staging = 0, 0
+        names = cuda_kernel_names(lambda: CUDA.linear(x9, p))
+        assert any("wgemm_kernel" in n for n in names) and not any("gemv_kernel" in n for n in names), names
     finally:
         CUDA.splits, CUDA.staging = 0, 0
 
@@ -391,15 +426,10 @@ def test_moe_runs_on_the_gemv_when_asked(staging):
     w = torch.rand(1, 3, device=DEV)
     try:
         CUDA.splits, CUDA.staging = 0, staging
-        CUDA.moe(x, ids, w, gu, dn)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            CUDA.moe(x, ids, w, gu, dn)
-            torch.cuda.synchronize()
+        names = cuda_kernel_names(lambda: CUDA.moe(x, ids, w, gu, dn))
     finally:
         CUDA.splits, CUDA.staging = 0, 0
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    gemv = sorted({n for n in names if "gemv_i4_kernel" in n})
+    gemv = sorted({n for n in names if "gemv_kernel" in n})
     assert len(gemv) == 2 and not any("wgemm_kernel" in n for n in names), names
 
 

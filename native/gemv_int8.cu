@@ -1,0 +1,11 @@
+// The GEMV for batches of 1 to 8 rows (gemv.cuh), int8 weights: the plain linear's launcher.
+#include "gemv.cuh"
+
+namespace ciuic {
+
+cudaError_t launch_gemv_int8(bool bf16, Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched) {
+  return bf16 ? launch_gemv_groups<CIUIC_FMT_INT8, true>(p, rq, stream, launched)
+              : launch_gemv_groups<CIUIC_FMT_INT8, false>(p, rq, stream, launched);
+}
+
+}  // namespace ciuic
