@@ -105,9 +105,10 @@ static int gemv_auto_shape(int nt, int kt) {
   return CIUIC_STAGE_GEMV_1X7;
 }
 
-// Rows up to which CIUIC_STAGE_AUTO takes the GEMV, by format: int4 CIUIC_GEMV_AUTO_M; the 1-byte
-// formats none (the backend's tuner measures the GEMV beside wgemm for them).
-static int gemv_auto_rows(int fmt) { return fmt == CIUIC_FMT_INT4 ? CIUIC_GEMV_AUTO_M : 0; }
+// Rows up to which CIUIC_STAGE_AUTO takes the GEMV, by format: int4 CIUIC_GEMV_AUTO_M; int8 and fp8
+// one (on an H100, 7168->18432 / 18432->7168: 48-50 us in the block shapes gemv_auto_shape picks
+// against 52-61 us on wgemm; at four rows wgemm is as fast or faster, and the tuner measures both).
+static int gemv_auto_rows(int fmt) { return fmt == CIUIC_FMT_INT4 ? CIUIC_GEMV_AUTO_M : 1; }
 
 static cudaError_t launch_gemv(int fmt, bool bf16, const Params &p, const SplitRequest &rq, cudaStream_t s,
                                bool *launched) {
