@@ -49,8 +49,8 @@ typedef struct CUstream_st *ciuic_stream_t;
 #define CIUIC_TILE_K 64
 /* which kernel and how x reaches the tensor cores: chosen by the launcher (auto), staged once for
    the block's whole K range (whole, when it fits 64 KB of shared memory; more splits are taken to
-   make it fit), chunk by chunk (chunk), or the int4 GEMV for batches of 1 to 8 rows (x staged once
-   per block, 27-28 warps per multiprocessor; other formats and batches take auto's choice): gemv,
+   make it fit), chunk by chunk (chunk), or the GEMV for batches of 1 to 8 rows (every format; x
+   staged once per block, 27-28 warps per multiprocessor; larger batches take auto's choice): gemv,
    blocks of 4 row tiles over one K range; gemv_<R>x<S>, blocks of R row tiles whose K range S warps
    share (their sums meet in shared memory; `splits` then splits K across blocks on top); pipe, int4
    with codes, scale pairs and x streamed through a ring of shared-memory stages (any batch; other
@@ -66,7 +66,8 @@ typedef struct CUstream_st *ciuic_stream_t;
 #define CIUIC_STAGE_PIPE 8
 /* batch rows the GEMV takes (larger launches run the general kernel) */
 #define CIUIC_GEMV_MAX_M 8
-/* batch rows up to which CIUIC_STAGE_AUTO takes the int4 GEMV (the tuner races the pipelined kernel above) */
+/* batch rows up to which CIUIC_STAGE_AUTO takes the int4 GEMV (the tuner races the pipelined kernel above);
+   int8 and fp8: one row */
 #define CIUIC_GEMV_AUTO_M 4
 /* rows of x one launch takes; larger batches are cut into launches of this many rows */
 #define CIUIC_MAX_M 32
