@@ -83,10 +83,9 @@ constexpr int kGemvThreads = kGemvWarps * 32;
 #define CIUIC_GEMV_DEPTH 4  // int4 tiles of codes in flight per lane (and tiles per unrolled body)
 #endif
 
-// 16-byte vectors of a lane per tile (int4: 512-byte tiles; int8, fp8: 1024) and tiles per body
-__host__ __device__ constexpr int gemv_vpt(int fmt) { return fmt == CIUIC_FMT_INT4 ? 1 : 2; }
+// Tiles per body: CIUIC_GEMV_DEPTH int4 tiles' worth of bytes (64 a lane), whatever the format.
 __host__ __device__ constexpr int gemv_depth(int fmt) {
-  return CIUIC_GEMV_DEPTH / gemv_vpt(fmt) > 0 ? CIUIC_GEMV_DEPTH / gemv_vpt(fmt) : 1;
+  return CIUIC_GEMV_DEPTH / tile_vectors(fmt) > 0 ? CIUIC_GEMV_DEPTH / tile_vectors(fmt) : 1;
 }
 #ifndef CIUIC_GEMV_SM_WARPS
 #define CIUIC_GEMV_SM_WARPS 28  // resident warps per multiprocessor the registers are cut for (72 each)
@@ -140,7 +139,7 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
   constexpr int kThr = 32 * RW * S;
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
   constexpr int D = gemv_depth(FMT);
-  constexpr int VPT = gemv_vpt(FMT);
+  constexpr int VPT = tile_vectors(FMT);
   constexpr bool F8 = FMT == CIUIC_FMT_FP8;
   static_assert(GT == 0 || D % (GT > 0 ? GT : 1) == 0, "a body holds whole groups");
   static_assert(MODE == PLAIN || (GT > 0 && FMT == CIUIC_FMT_INT4), "the MoE steps: int4 in groups of 2 or 4 tiles");
@@ -395,15 +394,8 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
     ldsm_x4(b[1], xaddr + i * 128 + 64);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      uint32_t w0, w1 = 0;
-      if constexpr (VPT == 1) {
-        const uint4 u = cur.v[0];
-        w0 = q == 0 ? u.x : q == 1 ? u.y : q == 2 ? u.z : u.w;
-      } else {
-        const uint4 u = cur.v[q >> 1];
-        w0 = (q & 1) ? u.z : u.x;
-        w1 = (q & 1) ? u.w : u.y;
-      }
+      uint32_t w0, w1;
+      step_words<VPT>(cur.v[0], cur.v[VPT - 1], q, w0, w1);
       uint32_t a[4];
       dequant<FMT, BF16>(w0, w1, zlo, zhi, a);
       mma16816<BF16>(acc, a, b[q >> 1][(q & 1) * 2], b[q >> 1][(q & 1) * 2 + 1]);

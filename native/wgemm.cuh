@@ -73,9 +73,25 @@ struct Params {
   int ktp, kflat, tab_off;
 };
 
+// 16-byte vectors a lane loads per tile: int4 tiles are 512 bytes, int8 and fp8 tiles 1024.
+__host__ __device__ constexpr int tile_vectors(int fmt) { return fmt == CIUIC_FMT_INT4 ? 1 : 2; }
+
 // Tiles per chunk (the unit of the register prefetch and of x staging): 8 16-byte loads per lane.
-__host__ __device__ constexpr int chunk_tiles(int fmt, int rt) {
-  return 8 / (rt * (fmt == CIUIC_FMT_INT4 ? 1 : 2));
+__host__ __device__ constexpr int chunk_tiles(int fmt, int rt) { return 8 / (rt * tile_vectors(fmt)); }
+
+// The code words lane (g, t) feeds k16 step q of a tile whose first and last 16-byte vectors are lo
+// and hi (VPT = tile_vectors(fmt)): int4, word q of its one vector (w1 = 0); the 1-byte formats, words
+// (x, y) or (z, w) of vector q / 2.
+template <int VPT>
+__device__ __forceinline__ void step_words(const uint4 &lo, const uint4 &hi, int q, uint32_t &w0, uint32_t &w1) {
+  if constexpr (VPT == 1) {
+    w0 = q == 0 ? lo.x : q == 1 ? lo.y : q == 2 ? lo.z : lo.w;
+    w1 = 0;
+  } else {
+    const uint4 u = (q >> 1) ? hi : lo;
+    w0 = (q & 1) ? u.z : u.x;
+    w1 = (q & 1) ? u.w : u.y;
+  }
 }
 
 // Row tiles per warp of the plain kernel for a batch of mt tiles of 8 rows. A warp's row tiles share
@@ -377,7 +393,7 @@ struct MinBlocks {
 template <int FMT, bool BF16, int MT, int RT, int MODE>
 __global__ void __launch_bounds__(kThreads, MinBlocks<MT, RT>::value) wgemm_kernel(const Params p) {
   using T = typename std::conditional<BF16, __nv_bfloat16, __half>::type;
-  constexpr int VPT = (FMT == CIUIC_FMT_INT4) ? 1 : 2;  // 16-byte vectors per lane per tile
+  constexpr int VPT = tile_vectors(FMT);  // 16-byte vectors per lane per tile
   constexpr int CK = chunk_tiles(FMT, RT);               // tiles per chunk
   constexpr int NV = CK * VPT;                           // vectors per row tile per chunk
   constexpr int CKK = CK * 64;                           // inputs per chunk
@@ -579,15 +595,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks<MT, RT>::value) wgemm_kern
 #pragma unroll
           for (int r = 0; r < RT; ++r) {
             uint32_t w0, w1;
-            if constexpr (VPT == 1) {
-              const uint4 u = w[r][i];
-              w0 = q == 0 ? u.x : q == 1 ? u.y : q == 2 ? u.z : u.w;
-              w1 = 0;
-            } else {
-              const uint4 u = w[r][i * 2 + (q >> 1)];
-              w0 = (q & 1) ? u.z : u.x;
-              w1 = (q & 1) ? u.w : u.y;
-            }
+            step_words<VPT>(w[r][i * VPT], w[r][i * VPT + VPT - 1], q, w0, w1);
 #if CIUIC_PROBE == 1
             sink ^= w0 ^ w1 ^ b[0][qq * 2];
             continue;
