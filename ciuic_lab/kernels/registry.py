@@ -48,9 +48,14 @@ class Backend(Protocol):
 @dataclass
 class Registry:
     backends: dict[str, Backend] = field(default_factory=dict)
+    # automatic choices made so far: (device, spec, layout, batch, CIUIC_BACKENDS) -> (availability of the
+    # device's backends when chosen, backend). A quantized linear asks on every call, so the choice is
+    # looked up rather than made again (which took 4-11 us a call, as much as a small layer's kernel).
+    _picks: dict[tuple, tuple[tuple[bool, ...], Backend]] = field(default_factory=dict, repr=False)
 
     def register(self, backend: Backend) -> None:
         self.backends[backend.name] = backend
+        self._picks.clear()
 
     def get(self, name: str) -> Backend:
         if name not in self.backends:
@@ -107,9 +112,20 @@ class Registry:
                     f"its layouts: {', '.join(b.layouts)}"
                 )
             return b
-        cands = self.candidates(device, spec, layout, batch)
+        dev = device if device in ("cpu", "cuda") else torch.device(device).type
+        # a backend can become unavailable (a failed build) or available: the choice holds while the
+        # availability of the device's backends is what it was
+        avail = tuple(b.available()[0] for b in self.backends.values() if b.device == dev)
+        key = (dev, spec, layout, batch, os.environ.get("CIUIC_BACKENDS"))
+        hit = self._picks.get(key)
+        if hit is not None and hit[0] == avail:
+            return hit[1]
+        cands = self.candidates(dev, spec, layout, batch)
         if not cands:
             raise KernelError(f"no kernel backend takes {spec.label()} in layout {layout!r} on {device}")
+        if len(self._picks) >= 4096:  # batches of every prompt length: keep it bounded
+            self._picks.clear()
+        self._picks[key] = (avail, cands[0])
         return cands[0]
 
 

@@ -156,6 +156,43 @@ def test_registry_picks_numba_on_cpu_and_falls_back():
     assert set(("rowmajor", "interleaved1", "interleaved4")) <= set(NUMBA.layouts)
 
 
+def test_registry_choice_is_remembered_until_what_it_rests_on_changes(monkeypatch):
+    """The choice is looked up, not made again, on each call; it follows ``CIUIC_BACKENDS``, a backend
+    that stops being available (a failed build) and one registered later."""
+    spec = QuantSpec(bits=4, group=128)
+    monkeypatch.delenv("CIUIC_BACKENDS", raising=False)
+    assert REGISTRY.pick("cpu", spec, "rowmajor", 1) is NUMBA
+    calls = []
+    monkeypatch.setattr(REGISTRY, "candidates", lambda *a: calls.append(a) or [REFERENCE])
+    assert REGISTRY.pick("cpu", spec, "rowmajor", 1) is NUMBA and not calls  # remembered
+    monkeypatch.undo()
+    monkeypatch.setenv("CIUIC_BACKENDS", "torch")
+    assert REGISTRY.pick("cpu", spec, "rowmajor", 1) is REFERENCE
+    monkeypatch.delenv("CIUIC_BACKENDS")
+    assert REGISTRY.pick("cpu", spec, "rowmajor", 1) is NUMBA
+    monkeypatch.setattr(NUMBA, "available", lambda: (False, "broken"))
+    assert REGISTRY.pick("cpu", spec, "rowmajor", 1) is REFERENCE
+    monkeypatch.undo()
+    assert REGISTRY.pick("cpu", spec, "rowmajor", 1) is NUMBA
+
+    class Faster:
+        name, device, priority, layouts = "faster-test", "cpu", NUMBA.priority + 1, ("rowmajor",)
+
+        def available(self):
+            return True, ""
+
+        def supports(self, spec, layout, batch):
+            return True
+
+    try:
+        REGISTRY.register(Faster())
+        assert REGISTRY.pick("cpu", spec, "rowmajor", 1).name == "faster-test"
+    finally:
+        REGISTRY.backends.pop("faster-test")
+        REGISTRY._picks.clear()
+    assert REGISTRY.pick("cpu", spec, "rowmajor", 1) is NUMBA
+
+
 def test_bad_input_is_a_one_line_kernel_error():
     rng = _rng(19)
     qt = quantize(_weight(9, 64, rng), QuantSpec(bits=4, group=32))
