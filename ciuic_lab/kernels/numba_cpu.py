@@ -480,13 +480,20 @@ def _prep_x(x, kind, p, xlen, gs, n_groups, kvec):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _linear(codes, s, b, xs, xsum, x, y, dims, rows, bits, tail0, c_v, c_8, c_4, c_2, c_1):
-    """y[:, :NB*R] = x @ W.T for one weight; ``c_*`` are the kernel configurations (literals)."""
+def _linear(codes, s, b, x, y, dims, meta, c_v, c_8, c_4, c_2, c_1):
+    """y[:, :NB*R] = x @ W.T for one weight; ``meta`` as :meth:`NumbaPrepared.meta`; ``c_*`` are the
+    kernel configurations (literals). The activations are put in the kernel's order here, in the same
+    call: a quantized linear of a small model costs a few microseconds, and a second call into Numba
+    (its argument checks) was a third of that."""
     c_v = literally(c_v)
     c_8 = literally(c_8)
     c_4 = literally(c_4)
     c_2 = literally(c_2)
     c_1 = literally(c_1)
+    xs, xsum = _prep_x(x, meta[0], meta[1], meta[2], meta[3], meta[4], meta[5])
+    rows = meta[6]
+    bits = meta[7]
+    tail0 = meta[8]
     nb = codes.shape[0]
     m_rows = y.shape[0]
     n_groups = xsum.shape[1]
@@ -711,6 +718,7 @@ class NumbaPrepared:
     confs: tuple[str, ...] = field(default=())
     source_nbytes: int = 0
     entry: object = field(default=None, repr=False, compare=False)  # compiled driver, set on first call
+    metas: np.ndarray | None = field(default=None, repr=False, compare=False)  # meta(), kept for the driver
 
     @property
     def n_padded(self) -> int:
@@ -937,29 +945,26 @@ class NumbaCPU:
             raise KernelError(f"bias must be a CPU tensor of shape ({prepared.n},); got {tuple(bias.shape)} "
                               f"on {bias.device}")
         dtype = x.dtype
-        m_rows = x.shape[0]
-        if m_rows > MAX_GEMM_ROWS:
-            w = prepared.dequantize()
-            y = torch.nn.functional.linear(x.to(torch.float32), w)
+        x32 = x if dtype == torch.float32 else x.to(torch.float32)  # (contiguous, as x is)
+        if x.shape[0] > MAX_GEMM_ROWS:
+            y = torch.nn.functional.linear(x32, prepared.dequantize())
         else:
-            y = self._run(x.to(torch.float32).contiguous(), prepared)
+            y = self._run(x32, prepared)
         if bias is not None:
             y = y + bias.to(torch.float32)
-        return y.to(dtype)
+        return y if dtype == torch.float32 else y.to(dtype)
 
     # -- internals
     def _run(self, x32: torch.Tensor, pw: NumbaPrepared) -> torch.Tensor:
         _threads()
         xn = x32.numpy()
-        m_rows = xn.shape[0]
-        xs, xsum = _prep_x(xn, pw.kind, L.codes_per_lane(pw.bits, pw.word), pw.xlen, pw.group, pw.n_groups,
-                           pw.kvec)
-        y = torch.empty((m_rows, pw.n_padded), dtype=torch.float32)
-        args = (pw.codes, pw.s, pw.b, xs, xsum, xn, y.numpy(), pw.dims, pw.rows, pw.bits, pw.tail0)
+        y = np.empty((xn.shape[0], pw.n_padded), np.float32)
         if pw.entry is None:
-            pw.entry = _entry(_linear, args, pw.confs)
-        pw.entry(*args, *pw.confs)
-        return y[:, : pw.n].contiguous() if pw.n_padded != pw.n else y
+            pw.metas = pw.meta()
+            pw.entry = _entry(_linear, (pw.codes, pw.s, pw.b, xn, y, pw.dims, pw.metas), pw.confs)
+        pw.entry(pw.codes, pw.s, pw.b, xn, y, pw.dims, pw.metas, *pw.confs)
+        out = torch.from_numpy(y)
+        return out[:, : pw.n].contiguous() if pw.n_padded != pw.n else out
 
     def moe(self, x, top_k_index, top_k_weights, gate_up, down):
         """DeepseekV3Experts maths over the selected experts of one layer, in one call where it pays."""

@@ -31,7 +31,8 @@ class _Kerneled:
         if prepared is None:
             prepared = backend.prepare(qt, self.layout)
             self._prepared[key] = prepared
-        self.last_backend = backend.name
+        if self.last_backend != backend.name:  # (a module's setattr costs as much as a small kernel)
+            self.last_backend = backend.name
         return backend.linear(x2d, prepared, bias)
 
 

@@ -254,9 +254,8 @@ def test_inner_loop_is_vectorized():
     p = NUMBA.prepare(qt, "rowmajor")
     fresh = numba.njit(parallel=True, fastmath=True)(NC._linear.py_func)  # uncached: asm stays inspectable
     x = np.zeros((1, 256), np.float32)
-    xs, xsum = NC._prep_x(x, p.kind, int(p.meta()[1]), p.xlen, p.group, p.n_groups, p.kvec)
     y = np.zeros((1, 8), np.float32)
-    fresh(p.codes, p.s, p.b, xs, xsum, x, y, p.dims, 1, 4, p.tail0, *p.confs)
+    fresh(p.codes, p.s, p.b, x, y, p.dims, p.meta(), *p.confs)
     asm = "\n".join(fresh.inspect_asm().values())
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert "vfmadd" in asm and ("%ymm" in asm or "%zmm" in asm)
