@@ -71,16 +71,18 @@ def test_single_group_per_row(layout, bits, scheme, group):
         _close(NUMBA.linear(x, p), REFERENCE.linear(x, qt), TOL, f"int{bits} {group} {layout} N={n} K={k} M={m}")
 
 
-def test_prefill_path_and_dequantize_exact():
-    """Batches above 32 dequantize (in numba) and use torch's GEMM; the dense weight is the reference's."""
-    rng = _rng(11)
-    n, k = 45, 200
-    for layout in ("rowmajor", "interleaved4"):
-        qt = quantize(_weight(n, k, rng), QuantSpec(bits=4, group=64))
-        p = NUMBA.prepare(qt, layout)
-        assert torch.allclose(p.dequantize(), dequantize(qt), rtol=0, atol=1e-6)
-        x = torch.from_numpy(rng.standard_normal((40, k)).astype(np.float32))
-        _close(NUMBA.linear(x, p), REFERENCE.linear(x, qt), TOL, f"prefill {layout}")
+@pytest.mark.parametrize("layout", ["rowmajor", "interleaved1", "interleaved4"])
+@pytest.mark.parametrize("bits,group", [(4, 64), (4, "channel"), (8, 128), (8, "channel"), (2, 64), (3, 128)])
+def test_prefill_path_and_dequantize_exact(layout, bits, group):
+    """Batches above 32 dequantize (in numba) and use torch's GEMM; the dense weight is the reference's,
+    for every bit width and layout, on a row whose length is not a whole number of chunks or bytes."""
+    rng = _rng(11, bits, len(layout), 0 if group == "channel" else group)
+    n, k = int(rng.integers(3, 60)) | 1, int(rng.integers(130, 700)) | 1
+    qt = quantize(_weight(n, k, rng), QuantSpec(bits=bits, group=group))
+    p = NUMBA.prepare(qt, layout)
+    assert torch.allclose(p.dequantize(), dequantize(qt), rtol=0, atol=1e-6), f"int{bits} {group} N={n} K={k}"
+    x = torch.from_numpy(rng.standard_normal((40, k)).astype(np.float32))
+    _close(NUMBA.linear(x, p), REFERENCE.linear(x, qt), TOL, f"prefill {layout} int{bits} {group} N={n} K={k}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
