@@ -858,7 +858,6 @@ def prepare(qt: QTensor, layout: str = L.ROWMAJOR) -> NumbaPrepared:
     lanes, word = pick
     p = L.codes_per_lane(bits, word)
     chunk = lanes * p
-    cb = L.chunk_bytes(bits, lanes, word)
     lut = int(USE_LUT and lanes == 16 and bits in (2, 3, 4) and _target_has_avx512())
     cpg = gs // chunk if n_groups > 1 else 0
     scales = qt.group_scales().to(torch.float32).reshape(n, -1)
