@@ -56,6 +56,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -765,7 +766,6 @@ class NumbaPrepared:
     confs: tuple[str, ...] = field(default=())
     source_nbytes: int = 0
     entry: object = field(default=None, repr=False, compare=False)  # compiled driver, set on first call
-    metas: np.ndarray | None = field(default=None, repr=False, compare=False)  # meta(), kept for the driver
 
     @property
     def n_padded(self) -> int:
@@ -775,7 +775,10 @@ class NumbaPrepared:
     def nbytes(self) -> int:
         return self.codes.nbytes + self.s.nbytes + self.b.nbytes
 
+    @cached_property
     def meta(self) -> np.ndarray:
+        """The kernels' scalars as one int64 array, made once: (kind, p, xlen, group, n_groups, kvec,
+        rows, bits, tail0, n_padded)."""
         return np.array([self.kind, L.codes_per_lane(self.bits, self.word), self.xlen, self.group, self.n_groups,
                          self.kvec,
                          self.rows, self.bits, self.tail0, self.n_padded], dtype=np.int64)
@@ -1006,9 +1009,8 @@ class NumbaCPU:
         xn = x32.numpy()
         y = np.empty((xn.shape[0], pw.n_padded), np.float32)
         if pw.entry is None:
-            pw.metas = pw.meta()
-            pw.entry = _entry(_linear, (pw.codes, pw.s, pw.b, xn, y, pw.dims, pw.metas), pw.confs)
-        pw.entry(pw.codes, pw.s, pw.b, xn, y, pw.dims, pw.metas, *pw.confs)
+            pw.entry = _entry(_linear, (pw.codes, pw.s, pw.b, xn, y, pw.dims, pw.meta), pw.confs)
+        pw.entry(pw.codes, pw.s, pw.b, xn, y, pw.dims, pw.meta, *pw.confs)
         out = torch.from_numpy(y)
         return out[:, : pw.n].contiguous() if pw.n_padded != pw.n else out
 
@@ -1037,7 +1039,7 @@ class NumbaCPU:
         wts = top_k_weights.to(torch.float32).contiguous().numpy()
         out = np.zeros((t_rows, g0.k), np.float32)
         lists, eps = bank
-        args = (x32, idx, wts, *lists, g0.dims, d0.dims, g0.meta(), d0.meta(), d0.k, out)
+        args = (x32, idx, wts, *lists, g0.dims, d0.dims, g0.meta, d0.meta, d0.k, out)
         lits = (g0.confs[0], d0.confs[0])
         ep = eps.get("decode")
         if ep is None:

@@ -257,7 +257,7 @@ def test_inner_loop_is_vectorized():
     fresh = numba.njit(parallel=True, fastmath=True)(NC._linear.py_func)  # uncached: asm stays inspectable
     x = np.zeros((1, 256), np.float32)
     y = np.zeros((1, 8), np.float32)
-    fresh(p.codes, p.s, p.b, x, y, p.dims, p.meta(), *p.confs)
+    fresh(p.codes, p.s, p.b, x, y, p.dims, p.meta, *p.confs)
     asm = "\n".join(fresh.inspect_asm().values())
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert "vfmadd" in asm and ("%ymm" in asm or "%zmm" in asm)
