@@ -76,7 +76,7 @@ def evalset(size: str | EvalSet | None = "standard") -> EvalSet:
 
 def token_ids(tokenizer, text: str) -> "torch.Tensor":
     """``text`` as one 1-D tensor of token ids, without the tokenizer's special tokens."""
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
 
 
 def unscored_heldout_ids(tokenizer) -> "torch.Tensor":

@@ -40,7 +40,7 @@ def bench_fusions(model: nn.Module, tokenizer, recipe: Any = "keep", rounds: int
     base.pop("fusions", None)
     site_list = list_sites(model)
     plans = {name: resolve(r, site_list) for name, r in _variants(base).items()}
-    ids = tokenizer(PROMPT * 8, return_tensors="pt").input_ids[0][:prefill_tokens]
+    ids = tokenizer(PROMPT * 8, return_tensors="pt", verbose=False).input_ids[0][:prefill_tokens]
     tokens: dict[str, list[int]] = {}
     decode: dict[str, list[float]] = {n: [] for n in plans}
     prefill: dict[str, list[float]] = {n: [] for n in plans}

@@ -100,3 +100,27 @@ def test_site_error_of_a_folded_site_is_its_quantization_error_alone():
         finally:
             cl.revert(m)
     assert errs[False] < 0.01 and errs[True] < 0.01, errs
+
+
+def test_held_out_text_tokenizes_without_the_tokenizers_length_warning():
+    """The held-out text is longer than the embedded tokenizer's window on purpose (it is scored in
+    windows); tokenizing it must not print transformers' 'indexing errors' warning in the demo."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from ciuic_lab import load
+    from ciuic_lab.measure.snapshot import heldout_ids
+
+    tok = load("tiny-deepseek").tokenizer
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root = hf_logging.get_logger()
+    root.addHandler(handler)
+    try:
+        ids = heldout_ids(tok, evalset("standard"))
+    finally:
+        root.removeHandler(handler)
+    assert ids.numel() > tok.model_max_length
+    assert not [r.getMessage() for r in records if "sequence length" in r.getMessage()]
