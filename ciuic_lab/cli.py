@@ -62,7 +62,7 @@ def format_report(rep: dict[str, Any], title: str) -> str:
         ("KL(base || cand), mean", "0", _f(rep["kl"], ".5f")),
         ("top-1 agreement", "1.000", _f(rep["top1_agreement"])),
         ("weight bytes (all sites)", _mb(wb.get("before")), _mb(wb.get("after"))),
-        ("bits per weight (quantized sites)", "16 (bf16)", _f(qs.get("bits_per_weight"), ".2f")),
+        ("bits per weight (quantized sites)", _f(qs.get("bits_per_weight_loaded"), ".4g"), _f(qs.get("bits_per_weight"), ".2f")),
         (f"prefill {lat['prefill']['tokens']} tokens (ms)", _f(lat["prefill"]["before"], ".1f"), _f(lat["prefill"]["after"], ".1f")),
         ("decode per token (ms)", _f(lat["decode"]["before"], ".2f"), _f(lat["decode"]["after"], ".2f")),
         ("decode tokens/s", _f(tps["before"], ".1f"), _f(tps["after"], ".1f")),

@@ -31,6 +31,15 @@ def test_apply_json_keys(capsys):
     assert set(data["perplexity"]) >= {"before", "after"}
     assert set(data["text"]) >= {"before", "after"}
     assert data["quantized_sites"]["ratio_vs_bf16"] <= 0.30
+    assert data["quantized_sites"]["bits_per_weight_loaded"] == 32.0  # the embedded models load in fp32
+
+
+@pytest.mark.parametrize("dtype,bits", [("fp32", "32"), ("bf16", "16")])
+def test_apply_readable_states_the_loaded_bits(capsys, dtype, bits):
+    rc, out, _ = run(capsys, "apply", "--model", "tiny-deepseek-random", "--recipe", "int8", "--evalset", "tiny",
+                     "--no-timing", "--dtype", dtype)
+    row = next(line for line in out.splitlines() if line.startswith("bits per weight"))
+    assert rc == 0 and row.split()[-2] == bits and 8 < float(row.split()[-1]) < 8.5, row
 
 
 def test_apply_readable(capsys):

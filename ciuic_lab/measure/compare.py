@@ -66,6 +66,7 @@ def weight_bytes(model: nn.Module, site_list: list[Site]) -> dict[str, Any]:
             "ratio_vs_loaded": q_after / q_before if q_before else None,
             "ratio_vs_bf16": q_after / (q_params * 2) if q_params else None,
             "bits_per_weight": 8.0 * q_after / q_params if q_params else None,
+            "bits_per_weight_loaded": 8.0 * q_before / q_params if q_params else None,
         },
     }
 
