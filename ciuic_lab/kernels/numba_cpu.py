@@ -570,47 +570,71 @@ def _dequant_row(row, srow, brow, orow, k, bits, gs):
             orow[kk] = np.float32(_code_at(row, kk, bits)) * sv + bv
 
 
+@njit(inline="always")
+def _dequant_il_row(blkc, s, b, ib, r, orow, k, rows, bits, lanes, p, cb, gs, wb, words):
+    """Row ``r`` of interleaved block ``ib`` into ``orow``, chunk by chunk: its lanes' words once, then
+    code t of every lane (a contiguous run). ``words``: scratch of ``lanes`` int64."""
+    mask = (1 << bits) - 1
+    chunk = lanes * p
+    for c in range((k + chunk - 1) // chunk):
+        base = (c * rows + r) * cb
+        for lane in range(lanes):
+            w = np.int64(0)
+            if bits == 3:  # byte planes
+                w = (np.int64(blkc[base + lane]) | (np.int64(blkc[base + lanes + lane]) << 8)
+                     | (np.int64(blkc[base + 2 * lanes + lane]) << 16))
+            else:
+                for i in range(wb):
+                    w |= np.int64(blkc[base + lane * wb + i]) << (8 * i)
+            words[lane] = w
+        k0 = c * chunk
+        g = k0 // gs  # a chunk never straddles a group
+        sv = s[ib, g * rows + r]
+        bv = b[ib, g * rows + r]
+        if k0 + chunk <= k:
+            o = orow[k0:k0 + chunk]
+            for t in range(p):
+                ot = o[t * lanes:(t + 1) * lanes]
+                for lane in range(lanes):
+                    ot[lane] = np.float32((words[lane] >> (t * bits)) & mask) * sv + bv
+        else:  # the row's last chunk, padded past k
+            for t in range(p):
+                for lane in range(lanes):
+                    kk = k0 + t * lanes + lane
+                    if kk < k:
+                        orow[kk] = np.float32((words[lane] >> (t * bits)) & mask) * sv + bv
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _dequant(codes, s, b, out, kind, rows, bits, lanes, p, cb, gs, wb):
     """Dense fp32 weight ``out[N, K]`` from any layout (the prefill path)."""
     n, k = out.shape
-    mask = (1 << bits) - 1
-    chunk = lanes * p
     for n_ in prange(n):
-        ib = n_ // rows
-        r = n_ % rows
         if kind == 0:
             _dequant_row(codes[n_], s[n_], b[n_], out[n_], k, bits, gs)
-        else:  # chunk by chunk: its lanes' words once, then code t of every lane (a contiguous run)
-            blkc = codes[ib]
-            words = np.empty(lanes, np.int64)
-            for c in range((k + chunk - 1) // chunk):
-                base = (c * rows + r) * cb
-                for lane in range(lanes):
-                    w = np.int64(0)
-                    if bits == 3:  # byte planes
-                        w = (np.int64(blkc[base + lane]) | (np.int64(blkc[base + lanes + lane]) << 8)
-                             | (np.int64(blkc[base + 2 * lanes + lane]) << 16))
-                    else:
-                        for i in range(wb):
-                            w |= np.int64(blkc[base + lane * wb + i]) << (8 * i)
-                    words[lane] = w
-                k0 = c * chunk
-                g = k0 // gs  # a chunk never straddles a group
-                sv = s[ib, g * rows + r]
-                bv = b[ib, g * rows + r]
-                if k0 + chunk <= k:
-                    o = out[n_, k0:k0 + chunk]
-                    for t in range(p):
-                        ot = o[t * lanes:(t + 1) * lanes]
-                        for lane in range(lanes):
-                            ot[lane] = np.float32((words[lane] >> (t * bits)) & mask) * sv + bv
-                else:  # the row's last chunk, padded past k
-                    for t in range(p):
-                        for lane in range(lanes):
-                            kk = k0 + t * lanes + lane
-                            if kk < k:
-                                out[n_, kk] = np.float32((words[lane] >> (t * bits)) & mask) * sv + bv
+        else:
+            _dequant_il_row(codes[n_ // rows], s, b, n_ // rows, n_ % rows, out[n_], k, rows, bits, lanes, p, cb,
+                            gs, wb, np.empty(lanes, np.int64))
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _dequant_bf16(codes, s, b, out, kind, rows, bits, lanes, p, cb, gs, wb):
+    """:func:`_dequant` rounded to bf16 in the same pass: ``out[N, K]`` holds bf16 bit patterns
+    (uint16). Each row is computed in fp32 into a scratch row (in L1) and rounded to nearest even, as
+    torch rounds fp32 to bf16; a separate conversion of the fp32 weight cost twice the dequantization."""
+    n, k = out.shape
+    for n_ in prange(n):
+        tmp = np.empty(k, np.float32)
+        if kind == 0:
+            _dequant_row(codes[n_], s[n_], b[n_], tmp, k, bits, gs)
+        else:
+            _dequant_il_row(codes[n_ // rows], s, b, n_ // rows, n_ % rows, tmp, k, rows, bits, lanes, p, cb,
+                            gs, wb, np.empty(lanes, np.int64))
+        u = tmp.view(np.uint32)
+        o = out[n_]
+        for i in range(k):
+            v = u[i]
+            o[i] = np.uint16((v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
 @njit(inline="always")
@@ -783,15 +807,21 @@ class NumbaPrepared:
                          self.kvec,
                          self.rows, self.bits, self.tail0, self.n_padded], dtype=np.int64)
 
-    def dequantize(self) -> torch.Tensor:
-        """Dense fp32 ``[N, K]`` (the prefill path; also what the tests compare against)."""
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ``[N, K]``, computed in fp32 and rounded once to ``dtype`` (the prefill path; fp32 is
+        also what the tests compare against)."""
         _threads()
-        out = np.empty((self.n, self.k), np.float32)
+        bf16 = dtype == torch.bfloat16
+        out = np.empty((self.n, self.k), np.uint16 if bf16 else np.float32)
         args = (self.codes, self.s, self.b, out, self.kind, self.rows, self.bits, self.lanes,
                 L.codes_per_lane(self.bits, self.word), L.chunk_bytes(self.bits, self.lanes, self.word), self.group,
                 self.word // 8)
+        if bf16:
+            _dequant_bf16(*args)
+            return torch.from_numpy(out).view(torch.bfloat16)
         _dequant(*args)
-        return torch.from_numpy(out)
+        w = torch.from_numpy(out)
+        return w if dtype == torch.float32 else w.to(dtype)
 
 
 USE_LUT = os.environ.get("CIUIC_NUMBA_LUT", "1") != "0"  # table-lookup unpack where AVX-512 has vpermps
@@ -940,6 +970,24 @@ def set_threads(n: int | None) -> int:
 
 
 # ------------------------------------------------------------------------------ the backend
+_BF16_GEMM: bool | None = None
+
+
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the prefill path's GEMM runs in for activations of ``dtype``: bf16 stays bf16 where
+    oneDNN has a bf16 GEMM (AVX-512 BF16 or AMX: 2.5-4.7x fp32's speed on a 2-core Sapphire Rapids
+    at 256 rows), as torch's own bf16 linear does; everything else runs in fp32."""
+    global _BF16_GEMM
+    if dtype != torch.bfloat16:
+        return torch.float32
+    if _BF16_GEMM is None:
+        try:
+            _BF16_GEMM = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            _BF16_GEMM = False
+    return torch.bfloat16 if _BF16_GEMM else torch.float32
+
+
 def _check_x(x: torch.Tensor, k: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise KernelError(f"activations must be a torch.Tensor, got {type(x).__name__}")
@@ -994,11 +1042,13 @@ class NumbaCPU:
             raise KernelError(f"bias must be a CPU tensor of shape ({prepared.n},); got {tuple(bias.shape)} "
                               f"on {bias.device}")
         dtype = x.dtype
+        if x.shape[0] > MAX_GEMM_ROWS:  # prefill: the dense weight through torch's GEMM
+            gd = gemm_dtype(dtype)
+            xg = x if dtype == gd else x.to(gd)
+            y = torch.nn.functional.linear(xg, prepared.dequantize(gd), None if bias is None else bias.to(gd))
+            return y if dtype == gd else y.to(dtype)
         x32 = x if dtype == torch.float32 else x.to(torch.float32)  # (contiguous, as x is)
-        if x.shape[0] > MAX_GEMM_ROWS:
-            y = torch.nn.functional.linear(x32, prepared.dequantize())
-        else:
-            y = self._run(x32, prepared)
+        y = self._run(x32, prepared)
         if bias is not None:
             y = y + bias.to(torch.float32)
         return y if dtype == torch.float32 else y.to(dtype)
@@ -1048,18 +1098,39 @@ class NumbaCPU:
         return torch.from_numpy(out).to(dtype)
 
     def _moe_loop(self, x, idx, wts, gate_up, down):
+        """Prefill: the (token, expert) pairs sorted by expert, gathered once, and one product per
+        expert over its contiguous segment: the dense weight through torch's GEMM above
+        MAX_GEMM_ROWS rows (in bf16 where that GEMM is fast), the tile kernels below. Each pair's
+        output is weighted and summed per token in fp32."""
+        n_e = len(gate_up)
+        gd = gemm_dtype(x.dtype)
+        top = idx.shape[1]
+        flat = idx.reshape(-1).to(torch.int64)
+        flat = torch.where((flat >= 0) & (flat < n_e), flat, n_e)  # ids outside the lists: a last, skipped segment
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=n_e + 1).tolist()
+        valid = len(order) - counts[n_e]
+        order = order[:valid]
+        tok = order // top
+        xs = x.to(gd)[tok]
+        out = torch.empty(valid, down[0].n, dtype=gd)
+        start = 0
+        for e in range(n_e):
+            c = counts[e]
+            if c:
+                gate, up = self._product(xs[start:start + c], gate_up[e], gd).chunk(2, dim=-1)
+                out[start:start + c] = self._product(torch.nn.functional.silu(gate) * up, down[e], gd)
+                start += c
         final = torch.zeros(x.shape, dtype=torch.float32)
-        x32 = x.to(torch.float32)
-        for e in torch.unique(idx).tolist():
-            if e < 0 or e >= len(gate_up):
-                continue
-            tok, pos = torch.where(idx == e)
-            h = self.linear(x32[tok].contiguous(), gate_up[e])
-            gate, up = h.chunk(2, dim=-1)
-            a = (torch.nn.functional.silu(gate) * up).contiguous()
-            y = self.linear(a, down[e]) * wts[tok, pos, None].to(torch.float32)
-            final.index_add_(0, tok, y)
+        final.index_add_(0, tok, out.to(torch.float32) * wts.reshape(-1)[order].to(torch.float32)[:, None])
         return final.to(x.dtype)
+
+    def _product(self, x: torch.Tensor, pw: NumbaPrepared, gd: torch.dtype) -> torch.Tensor:
+        """``x @ W.T`` in ``gd`` for one expert's segment (checked by the caller)."""
+        if x.shape[0] > MAX_GEMM_ROWS:
+            return torch.nn.functional.linear(x, pw.dequantize(gd))
+        y = self._run(x.to(torch.float32).contiguous(), pw)
+        return y if gd == torch.float32 else y.to(gd)
 
     def _bank(self, gate_up, down):
         key = tuple(id(p) for p in gate_up) + (None,) + tuple(id(p) for p in down)

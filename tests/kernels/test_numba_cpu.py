@@ -125,6 +125,40 @@ def test_moe_grouped_matches_expert_loop():
     assert NUMBA.moe(x, idx, wts, [None] + pg[1:], pd) is NotImplemented
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_prefill_form_matches_the_reference(dtype):
+    """The prefill form (pairs sorted by expert, one product per expert) against the fp64 reference:
+    experts with more than MAX_GEMM_ROWS rows (dense GEMM, bf16 where that is fast) and fewer (the
+    tile kernels) in one call, an expert nobody chose, and ids outside the lists, which count nothing."""
+    from ciuic_lab.kernels.reference import moe_reference
+
+    rng = _rng(29)
+    e, hidden, inter, top = 5, 96, 48, 2
+    t = int(rng.integers(90, 140))
+    spec = QuantSpec(bits=4, group=32)
+    gu = [quantize(_weight(2 * inter, hidden, rng), spec) for _ in range(e)]
+    dn = [quantize(_weight(hidden, inter, rng), spec) for _ in range(e)]
+    x = torch.from_numpy(rng.standard_normal((t, hidden)).astype(np.float32)).to(dtype)
+    # expert 0 in every token's first slot, 1 in ten tokens' second, 2 and 3 sharing the rest, 4 in
+    # none; a few slots hold -1 or e (no expert); tokens in random order
+    idx = np.zeros((t, top), np.int64)
+    idx[:, 1] = rng.choice([2, 3], t)
+    idx[:10, 1] = 1
+    idx[10:16, 1] = -1
+    idx[16:20, 0] = e
+    idx = torch.from_numpy(idx[rng.permutation(t)])
+    wts = torch.from_numpy(rng.random((t, top)).astype(np.float32)).to(dtype)
+    assert t * top > 4 * NC.MAX_GEMM_ROWS  # the prefill form
+    assert (idx == 0).sum() > NC.MAX_GEMM_ROWS and 0 < (idx == 1).sum() <= NC.MAX_GEMM_ROWS
+    ref = moe_reference(x, idx, wts.double(), gu, dn, dtype)
+    pg = [NUMBA.prepare(q, "rowmajor") for q in gu]
+    pd = [NUMBA.prepare(q, "rowmajor") for q in dn]
+    out = NUMBA.moe(x, idx, wts, pg, pd)
+    assert out.dtype == dtype and out.shape == x.shape
+    # bf16: the weights rounded to bf16 for the GEMM and the output rounded once, as torch's bf16 linear
+    _close(out.double(), ref, 1e-4 if dtype == torch.float32 else 2e-2, f"moe prefill {dtype}")
+
+
 def test_moe_bank_cache_lets_dead_weights_go():
     """The grouped-MoE bank cache must not keep quantized experts alive once their module drops them."""
     import gc
