@@ -35,7 +35,7 @@ from collections import OrderedDict, deque
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import cachetools
 import torch

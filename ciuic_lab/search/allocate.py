@@ -27,7 +27,7 @@ from ..recipe import Recipe, Rule
 from ..sites import Site
 from ..transforms import apply, revert
 from .calibrate import prepare_calibrated
-from .sensitivity import KLProbe, SensitivityTable, fit_spec, label, units_of
+from .sensitivity import KLProbe, SensitivityTable, fit_spec, label
 
 
 def _solve(kl: dict[str, dict[str, float]], cost: dict[str, dict[str, float]], budget: float) -> dict[str, str]:
