@@ -945,7 +945,8 @@ class Session:
         """The precision map: rows are site kinds (or one row per expert), columns are blocks.
 
         Returns ``rows``, ``cols``, and per cell ``sites`` (names), ``bits`` (mean bits, 16 kept, 8 for
-        fp8, None where the cell is empty) and ``text`` (what the cell shows: ``4``, ``fp8``, ``2-8``).
+        fp8, None where the cell is empty) and ``text`` (what the cell shows: ``4``, ``fp8``, ``2-8``,
+        ``keep`` for a weight left as loaded, whatever its dtype).
         """
         rows: list[str] = []
         cols = [str(b) for b in self.blocks()]
@@ -1272,11 +1273,11 @@ def _bits_of(spec: QuantSpec) -> float:
 
 
 def _short(spec: QuantSpec) -> str:
-    return "16" if spec.keep else "fp8" if spec.is_fp8 else str(spec.bits)
+    return "keep" if spec.keep else "fp8" if spec.is_fp8 else str(spec.bits)
 
 
 def _label_order(label: str) -> float:
-    return 8.5 if label == "fp8" else float(label)
+    return 8.5 if label == "fp8" else 16.0 if label == "keep" else float(label)
 
 
 _KIND_ORDER = ("embed", "attn.", "mlp.", "moe.shared.", "moe.router", "moe.expert.", "norm.", "head")

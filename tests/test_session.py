@@ -267,7 +267,7 @@ def test_grid_is_blocks_by_kinds(s):
     assert g["cols"] == ["0", "1", "2", "-"]
     r, c = g["rows"].index("attn.kv_b"), g["cols"].index("1")
     assert g["sites"][r][c] == [KV_B] and g["bits"][r][c] == 3 and g["text"][r][c] == "3"
-    assert g["bits"][g["rows"].index("head")][3] == 16
+    assert g["bits"][g["rows"].index("head")][3] == 16 and g["text"][g["rows"].index("head")][3] == "keep"
     assert g["bits"][r][0] == 16 and g["bits"][g["rows"].index("mlp.gate")][1] is None
     ge = s.grid(experts=True)
     assert "moe.expert.down[3]" in ge["rows"] and len(ge["rows"]) == len(g["rows"]) - 2 + 16

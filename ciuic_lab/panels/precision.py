@@ -81,7 +81,8 @@ class PrecisionMap(Panel):
             data=[
                 go.Heatmap(z=[[None]], x=["0"], y=["-"], colorscale=BITS_COLORSCALE, zmin=2, zmax=16, xgap=2, ygap=2,
                            texttemplate="%{text}", text=[[""]], hoverinfo="skip",
-                           colorbar=dict(title="bits", tickvals=[2, 3, 4, 5, 6, 8, 16], thickness=12)),
+                           colorbar=dict(title="bits", tickvals=[2, 3, 4, 5, 6, 8, 16],
+                                         ticktext=["2", "3", "4", "5", "6", "8", "keep"], thickness=12)),
                 go.Scatter(x=[], y=[], mode="markers", hovertemplate="%{hovertext}<extra></extra>", hovertext=[],
                            marker=dict(symbol="square", size=22, color="rgba(0,0,0,0)",
                                        line=dict(width=0, color="#111")),
