@@ -973,12 +973,17 @@ def set_threads(n: int | None) -> int:
 _BF16_GEMM: bool | None = None
 
 
-def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the prefill path's GEMM runs in for activations of ``dtype``: bf16 stays bf16 where
-    oneDNN has a bf16 GEMM (AVX-512 BF16 or AMX: 2.5-4.7x fp32's speed on a 2-core Sapphire Rapids
-    at 256 rows), as torch's own bf16 linear does; everything else runs in fp32."""
+BF16_GEMM_MACS = 1 << 23  # below this many multiply-adds, oneDNN's bf16 GEMM cost more than fp32's
+
+
+def gemm_dtype(dtype: torch.dtype, macs: int | None = None) -> torch.dtype:
+    """The dtype the prefill path's GEMM runs in for activations of ``dtype`` (a product of ``macs``
+    multiply-adds): bf16 stays bf16 where oneDNN has a bf16 GEMM (AVX-512 BF16 or AMX: 2.5-4.7x
+    fp32's speed on a 2-core Sapphire Rapids at 256 rows), as torch's own bf16 linear does, unless the
+    product is small (33-64 rows of a 512x128 weight: 10-17 us slower than fp32, a fixed cost of
+    the bf16 call); everything else runs in fp32."""
     global _BF16_GEMM
-    if dtype != torch.bfloat16:
+    if dtype != torch.bfloat16 or (macs is not None and macs < BF16_GEMM_MACS):
         return torch.float32
     if _BF16_GEMM is None:
         try:
@@ -1043,7 +1048,7 @@ class NumbaCPU:
                               f"on {bias.device}")
         dtype = x.dtype
         if x.shape[0] > MAX_GEMM_ROWS:  # prefill: the dense weight through torch's GEMM
-            gd = gemm_dtype(dtype)
+            gd = gemm_dtype(dtype, x.shape[0] * prepared.n * prepared.k)
             xg = x if dtype == gd else x.to(gd)
             y = torch.nn.functional.linear(xg, prepared.dequantize(gd), None if bias is None else bias.to(gd))
             return y if dtype == gd else y.to(dtype)
@@ -1118,17 +1123,20 @@ class NumbaCPU:
         for e in range(n_e):
             c = counts[e]
             if c:
-                gate, up = self._product(xs[start:start + c], gate_up[e], gd).chunk(2, dim=-1)
-                out[start:start + c] = self._product(torch.nn.functional.silu(gate) * up, down[e], gd)
+                gate, up = self._product(xs[start:start + c], gate_up[e], x.dtype, gd).chunk(2, dim=-1)
+                out[start:start + c] = self._product(torch.nn.functional.silu(gate) * up, down[e], x.dtype, gd)
                 start += c
         final = torch.zeros(x.shape, dtype=torch.float32)
         final.index_add_(0, tok, out.to(torch.float32) * wts.reshape(-1)[order].to(torch.float32)[:, None])
         return final.to(x.dtype)
 
-    def _product(self, x: torch.Tensor, pw: NumbaPrepared, gd: torch.dtype) -> torch.Tensor:
-        """``x @ W.T`` in ``gd`` for one expert's segment (checked by the caller)."""
-        if x.shape[0] > MAX_GEMM_ROWS:
-            return torch.nn.functional.linear(x, pw.dequantize(gd))
+    def _product(self, x: torch.Tensor, pw: NumbaPrepared, act: torch.dtype, gd: torch.dtype) -> torch.Tensor:
+        """``x @ W.T`` for one expert's segment ``x`` (in ``gd``, checked by the caller), returned in
+        ``gd``; ``act``: the layer's activation dtype."""
+        m = x.shape[0]
+        if m > MAX_GEMM_ROWS:
+            g = gemm_dtype(act, m * pw.n * pw.k)
+            return torch.nn.functional.linear(x.to(g), pw.dequantize(g)).to(gd)
         y = self._run(x.to(torch.float32).contiguous(), pw)
         return y if gd == torch.float32 else y.to(gd)
 

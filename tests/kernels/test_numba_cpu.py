@@ -97,6 +97,26 @@ def test_half_activations_cast_at_the_boundary(dtype):
     _close(y, ref, 1e-2, f"{dtype}")
 
 
+@pytest.mark.parametrize("macs", [0, None])
+def test_bf16_prefill_on_a_bf16_weight_where_that_gemm_is_fast(monkeypatch, macs):
+    """Above MAX_GEMM_ROWS, bf16 activations meet the weight dequantized straight to bf16 (rounded
+    as torch rounds, bit for bit) where oneDNN's bf16 GEMM is fast and the product large enough
+    (``macs`` 0: always), else fp32; either way the output is bf16 and matches the reference."""
+    if macs is not None:
+        monkeypatch.setattr(NC, "BF16_GEMM_MACS", macs)
+    rng = _rng(41)
+    n, k = int(rng.integers(40, 90)) | 1, int(rng.integers(200, 500)) | 1
+    qt = quantize(_weight(n, k, rng), QuantSpec(bits=4, group=64))
+    p = NUMBA.prepare(qt, "rowmajor")
+    assert torch.equal(p.dequantize(torch.bfloat16).view(torch.int16), dequantize(qt).to(torch.bfloat16).view(torch.int16))
+    x = torch.from_numpy(rng.standard_normal((NC.MAX_GEMM_ROWS + 7, k)).astype(np.float32)).to(torch.bfloat16)
+    expect = NC.gemm_dtype(torch.bfloat16, x.shape[0] * n * k)
+    assert (expect == torch.bfloat16) == (macs == 0 and NC.gemm_dtype(torch.bfloat16) == torch.bfloat16)
+    y = NUMBA.linear(x, p)
+    assert y.dtype == torch.bfloat16
+    _close(y, REFERENCE.linear(x.float(), qt), 2e-2, f"bf16 prefill macs={macs} N={n} K={k}")
+
+
 def test_moe_grouped_matches_expert_loop():
     """moe(): transformers' DeepseekV3Experts maths over the selected experts, against a plain loop."""
     rng = _rng(17)
@@ -125,13 +145,15 @@ def test_moe_grouped_matches_expert_loop():
     assert NUMBA.moe(x, idx, wts, [None] + pg[1:], pd) is NotImplemented
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_moe_prefill_form_matches_the_reference(dtype):
+@pytest.mark.parametrize("dtype,macs", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 0)])
+def test_moe_prefill_form_matches_the_reference(monkeypatch, dtype, macs):
     """The prefill form (pairs sorted by expert, one product per expert) against the fp64 reference:
     experts with more than MAX_GEMM_ROWS rows (dense GEMM, bf16 where that is fast) and fewer (the
     tile kernels) in one call, an expert nobody chose, and ids outside the lists, which count nothing."""
     from ciuic_lab.kernels.reference import moe_reference
 
+    if macs is not None:  # every product above MAX_GEMM_ROWS on the bf16 GEMM (where it is fast)
+        monkeypatch.setattr(NC, "BF16_GEMM_MACS", macs)
     rng = _rng(29)
     e, hidden, inter, top = 5, 96, 48, 2
     t = int(rng.integers(90, 140))
