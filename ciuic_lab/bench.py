@@ -2,6 +2,7 @@
 
 - ``bench kernels --device cpu|cuda``: quantized GEMV/GEMM against torch peers in the same run;
 - ``bench decode --device cpu|cuda``: end-to-end decode tokens/s, quantized plan vs fp32/bf16;
+- ``bench prefill [--dtype bf16]``: one prompt's forward on the CPU, quantized plan vs the model as loaded;
 - ``bench fusions``: each fusion's effect on decode/prefill time (and its proof: same tokens), KV-cache bytes;
 - ``bench session``: how fast the workbench reacts to a toggle (drives a Session like the panel does);
 - ``bench soak``: memory over many random toggles.
@@ -13,18 +14,18 @@ from typing import Any
 
 from .errors import CiuicError
 
-TARGETS = ("kernels", "decode", "fusions", "session", "soak")
+TARGETS = ("kernels", "decode", "prefill", "fusions", "session", "soak")
 
 
 def add_parser(sub, common) -> None:
-    p = sub.add_parser("bench", help="benchmarks: kernels, decode, session, soak")
+    p = sub.add_parser("bench", help="benchmarks: kernels, decode, prefill, fusions, session, soak")
     p.add_argument("target", choices=TARGETS, help="what to benchmark")
     common(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
     p.add_argument("--recipe", default=None,
-                   help="plan to time, a preset or JSON: decode default int4-g128 with every fusion "
-                        "(int4-g128-fused); fusions default keep")
+                   help="plan to time, a preset or JSON: decode and prefill default int4-g128 with every "
+                        "fusion (int4-g128-fused); fusions default keep")
     p.add_argument("--toggles", type=int, default=None, help="soak: number of random toggles")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=run)
@@ -58,6 +59,12 @@ def run(args) -> dict[str, Any]:
             from .measure.bench_decode import bench_decode
 
             out = bench_decode(model=args.model, quick=args.quick, recipe=args.recipe)
+    elif target == "prefill":
+        if args.device != "cpu":
+            raise CiuicError(f"bench prefill runs on the CPU; got --device {args.device!r} (accepted: cpu)")
+        from .measure.bench_decode import bench_prefill
+
+        out = bench_prefill(model=args.model, quick=args.quick, recipe=args.recipe, dtype=args.dtype)
     elif target == "fusions":
         out = _bench_fusions(args)
     elif target == "session":

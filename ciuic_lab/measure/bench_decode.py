@@ -191,4 +191,79 @@ def bench_decode(model: str | None = None, quick: bool = False, recipe: Any = No
     }
 
 
-__all__ = ["bench_decode", "bench_model", "build_large", "decode_times", "DECODE_RECIPE", "LARGE_CONFIG"]
+@torch.inference_mode()
+def _prefill_ms(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
+    model(input_ids=ids, use_cache=False)  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def prefill_model(model: torch.nn.Module, name: str, recipe: Any, tokens: int, repeats: int) -> dict[str, Any]:
+    """One prompt of ``tokens`` tokens through ``model`` as it is, with the plan, and as it is again
+    (the two as-loaded times bracket the plan's, in the same run); the model is left as it came."""
+    from ..plan import resolve
+    from ..sites import sites
+    from ..transforms import apply, revert
+
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=gen)
+    before = _prefill_ms(model, ids, repeats)
+    apply(model, resolve(recipe, sites(model)))
+    try:
+        plan = _prefill_ms(model, ids, repeats)
+    finally:
+        revert(model)
+    again = _prefill_ms(model, ids, repeats)
+    ref = (before + again) / 2
+    return {"model": name, "params_m": round(n_params(model) / 1e6, 1),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "as_loaded_ms": round(before, 2), "as_loaded_again_ms": round(again, 2), "plan_ms": round(plan, 2),
+            "plan_time_vs_as_loaded": round(plan / ref, 3)}
+
+
+def bench_prefill(model: str | None = None, quick: bool = False, recipe: Any = None, dtype: str | None = None,
+                  tokens: int | None = None, repeats: int | None = None, large: bool = True) -> dict[str, Any]:
+    """Prefill time of one prompt, a plan against the model as loaded (``dtype``: fp32 by default, bf16
+    to see the bf16 GEMM path), for the embedded model and the ~1 B DeepSeek-architecture one."""
+    from ..kernels import compat
+    from ..models import _resolve_dtype, load
+    from ..recipe import load as load_recipe
+
+    rec = load_recipe(DECODE_RECIPE if recipe is None else recipe)  # a bad recipe fails before any timing
+    dt = _resolve_dtype(dtype or "fp32")
+    tokens = tokens or (64 if quick else 256)
+    repeats = repeats or (1 if quick else 3)
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load(model or "tiny-deepseek", dtype=dt)
+    rows.append(prefill_model(loaded.model, loaded.name, rec, tokens, repeats))
+    del loaded
+    gc.collect()
+    if large:
+        big = build_large(QUICK_CONFIG if quick else LARGE_CONFIG).to(dt)
+        name = "deepseek-v3-arch random " + (f"{n_params(big) / 1e6:.0f}M" if quick else f"{n_params(big) / 1e9:.2f}B")
+        rows.append(prefill_model(big, name, rec, tokens, repeats))
+        del big
+        gc.collect()
+    info = compat.report()
+    return {
+        "device": "cpu",
+        "cpu": info["cpu"]["model"],
+        "usable_cpus": info["cpu"]["usable"],
+        "torch_threads": torch.get_num_threads(),
+        "recipe": rec.name,
+        "tokens": tokens,
+        "repeats": repeats,
+        "method": "median wall time of one prompt's forward (no cache) after a warm-up; as loaded before and "
+                  "after the plan, the ratio against their mean",
+        "rows": rows,
+    }
+
+
+__all__ = ["bench_decode", "bench_model", "bench_prefill", "build_large", "decode_times", "prefill_model",
+           "DECODE_RECIPE", "LARGE_CONFIG"]

@@ -36,3 +36,20 @@ def test_quick_run_times_every_row_on_both_models():
 def test_a_bad_recipe_is_refused_before_anything_is_timed():
     with pytest.raises(RecipeError, match="unknown recipe"):
         bench_decode(model="tiny-deepseek-random", quick=True, recipe="int5-nonsense", large=False)
+
+
+def test_prefill_bench_times_the_plan_against_the_model_as_loaded(capsys):
+    """``bench prefill``: one row per model with the as-loaded time before and after the plan, the
+    dtype asked for, the ratio in the same run; a GPU device is refused with what is accepted."""
+    from ciuic_lab.cli import main
+    from ciuic_lab.measure.bench_decode import bench_prefill
+
+    out = bench_prefill(model="tiny-deepseek-random", quick=True, dtype="bf16", tokens=40)
+    assert out["recipe"] == "int4-g128-fused" and out["tokens"] == 40 and len(out["rows"]) == 2
+    for r in out["rows"]:
+        assert r["dtype"] == "bfloat16"
+        assert r["plan_ms"] > 0 and r["as_loaded_ms"] > 0 and r["as_loaded_again_ms"] > 0
+        assert r["plan_time_vs_as_loaded"] == pytest.approx(
+            r["plan_ms"] / ((r["as_loaded_ms"] + r["as_loaded_again_ms"]) / 2), rel=1e-2)
+    assert main(["bench", "prefill", "--device", "cuda"]) != 0
+    assert "bench prefill runs on the CPU" in capsys.readouterr().err
