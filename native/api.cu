@@ -135,8 +135,17 @@ static cudaError_t dispatch_moe(int fmt, bool bf16, int mode, CIUIC_LAUNCH_ARGS)
   }
 }
 
-// One grouped MoE step: the int4 GEMV in the block shape asked for (gemv-1x3, gemv-1x7; groups of 128
-// or 256 inputs), else wgemm with the launcher's own staging. grid.z: the step's pairs or tokens. Unasked
+static cudaError_t launch_gemv_moe(int fmt, bool bf16, int mode, const Params &p, const SplitRequest &rq, int gz,
+                                   cudaStream_t s, bool *launched) {
+  switch (fmt) {
+    case CIUIC_FMT_INT4: return launch_gemv_moe_int4(bf16, mode, p, rq, gz, s, launched);
+    case CIUIC_FMT_INT8: return launch_gemv_moe_int8(bf16, mode, p, rq, gz, s, launched);
+    default: return launch_gemv_moe_fp8(bf16, mode, p, rq, gz, s, launched);
+  }
+}
+
+// One grouped MoE step: the GEMV in the block shape asked for (gemv-1x3, gemv-1x7; groups a body holds:
+// int4 128 or 256 inputs, int8 128, fp8 its blocks), else wgemm with the launcher's own staging. grid.z: the step's pairs or tokens. Unasked
 // (auto), up to CIUIC_GEMV_AUTO_M tokens take the GEMV in the shapes measured best on an H100 for DeepSeek-V3's
 // experts and the decode benchmark's (native/README.md; 1.35-1.5x faster than wgemm there): down 1 x 7;
 // gate_up 1 x 3 while its blocks fit one wave (4 per multiprocessor), else 1 x 7.
@@ -147,9 +156,9 @@ static int moe_launch(int fmt, bool bf16, int mode, int tokens, const Params &p,
     const bool one_wave = static_cast<int64_t>(p.nt / 2) * grid.z <= 4LL * sm_count();
     rg.staging = mode == GATEUP && one_wave ? CIUIC_STAGE_GEMV_1X3 : CIUIC_STAGE_GEMV_1X7;
   }
-  if (fmt == CIUIC_FMT_INT4 && (rg.staging == CIUIC_STAGE_GEMV_1X3 || rg.staging == CIUIC_STAGE_GEMV_1X7)) {
+  if (rg.staging == CIUIC_STAGE_GEMV_1X3 || rg.staging == CIUIC_STAGE_GEMV_1X7) {
     bool done = false;
-    const cudaError_t e = launch_gemv_moe_int4(bf16, mode, p, rg, static_cast<int>(grid.z), st, &done);
+    const cudaError_t e = launch_gemv_moe(fmt, bf16, mode, p, rg, static_cast<int>(grid.z), st, &done);
     if (done || e != cudaSuccess) return static_cast<int>(e);
   }
   SplitRequest r2 = rq;

@@ -127,8 +127,8 @@ struct GemvSlot {
 // tiles, silu(gate) * up in the epilogue); DOWN (blockIdx.z: one token; K runs over its slots, each
 // padded to p.ktp tiles, every group's scale times the slot's routing weight, so the sum over the
 // slots is the sum over K).
-// FMT: CIUIC_FMT_INT4, _INT8 or _FP8 (the MoE modes: int4 only). fp8's groups are its 128 x 128 blocks:
-// 2 tiles along K, one fp32 scale for 8 row tiles, no zero points.
+// FMT: CIUIC_FMT_INT4, _INT8 or _FP8. fp8's groups are its 128 x 128 blocks: 2 tiles along K, one fp32
+// scale for 8 row tiles, no zero points.
 template <int FMT, bool BF16, int GT, int R, int S, int MODE>
 __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
                                   CIUIC_GEMV_SM_WARPS / (gemv_rows(R, MODE) * S) > 0
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
   constexpr int VPT = tile_vectors(FMT);
   constexpr bool F8 = FMT == CIUIC_FMT_FP8;
   static_assert(GT == 0 || D % (GT > 0 ? GT : 1) == 0, "a body holds whole groups");
-  static_assert(MODE == PLAIN || (GT > 0 && FMT == CIUIC_FMT_INT4), "the MoE steps: int4 in groups of 2 or 4 tiles");
+  static_assert(MODE == PLAIN || GT > 0, "the MoE steps take groups of 2 or 4 tiles");
   constexpr int NG = GT > 0 ? D / GT : 1;  // groups per body
   extern __shared__ __align__(128) unsigned char dsm[];
   __shared__ int s_last;
@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
     np = nullptr;
     if (live && i < nkt) {  // (past the warp's range cj may be past the table)
       const uint4 *base = tab[cj].codes;
-      np = base + (wrow + ckk) * 32 + lane;
+      np = base + (wrow + ckk) * (32 * VPT) + lane;
       nv = base ? min(D, p.kt - ckk) : 0;
     }
     advance(cj, ckk);
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
     int nv;
     locate_body(0, np, nv);
 #pragma unroll
-    for (int d = 0; d < D; ++d) w[d] = d < nv ? ld_stream(np + d * 32) : make_uint4(0, 0, 0, 0);
+    for (int d = 0; d < D * VPT; ++d) w[d] = d / VPT < nv ? ld_stream(np + d * 32) : make_uint4(0, 0, 0, 0);
   } else {
 #pragma unroll
     for (int d = 0; d < D * VPT; ++d)
@@ -418,8 +418,11 @@ __global__ void __launch_bounds__(32 * gemv_rows(R, MODE) * S,
 #pragma unroll
         for (int d = 0; d < D; ++d) {
           GemvCodes<VPT> cur;
-          cur.v[0] = w[d];  // (int4: VPT == 1)
-          if (d < nv) w[d] = ld_stream(np + d * 32);
+#pragma unroll
+          for (int v = 0; v < VPT; ++v) {
+            cur.v[v] = w[d * VPT + v];
+            if (d < nv) w[d * VPT + v] = ld_stream(np + (d * VPT + v) * 32);
+          }
           if (d % GT == 0) zero_words<FMT, BF16>(zc >> (16 * (d / GT)), zlo, zhi);
           tile(cur, i + d, zlo, zhi);
           if ((d + 1) % GT == 0) scale_into(sc[d / GT]);
@@ -741,11 +744,47 @@ cudaError_t launch_gemv_int4(bool bf16, Params p, const SplitRequest &rq, cudaSt
 cudaError_t launch_gemv_int8(bool bf16, Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched);
 cudaError_t launch_gemv_fp8(bool bf16, Params p, const SplitRequest &rq, cudaStream_t stream, bool *launched);
 
+template <int FMT, bool BF16, int GT, int MODE>
+cudaError_t launch_moe_shape(Params p, const SplitRequest &rq, int gz, cudaStream_t stream, bool *launched) {
+  switch (rq.staging) {
+    case CIUIC_STAGE_GEMV_1X3: return launch_gemv_slices<FMT, BF16, GT, 1, 3, MODE>(p, rq, gz, stream, launched);
+    case CIUIC_STAGE_GEMV_1X7: return launch_gemv_slices<FMT, BF16, GT, 1, 7, MODE>(p, rq, gz, stream, launched);
+    default: *launched = false; return cudaSuccess;
+  }
+}
+
+// groups of 2 or 4 tiles that a body holds (fp8's blocks: 2); other groups: not launched (wgemm)
+template <int FMT, bool BF16, int MODE>
+cudaError_t launch_moe_groups(Params p, const SplitRequest &rq, int gz, cudaStream_t stream, bool *launched) {
+  constexpr int D = gemv_depth(FMT);
+  if constexpr (D % 2 == 0)
+    if (p.gshift == 1) return launch_moe_shape<FMT, BF16, 2, MODE>(p, rq, gz, stream, launched);
+  if constexpr (D % 4 == 0 && FMT != CIUIC_FMT_FP8)
+    if (p.gshift == 2) return launch_moe_shape<FMT, BF16, 4, MODE>(p, rq, gz, stream, launched);
+  *launched = false;
+  return cudaSuccess;
+}
+
+template <int FMT>
+cudaError_t launch_moe_fmt(bool bf16, int mode, Params p, const SplitRequest &rq, int gz, cudaStream_t stream,
+                           bool *launched) {
+  if (mode == GATEUP)
+    return bf16 ? launch_moe_groups<FMT, true, GATEUP>(p, rq, gz, stream, launched)
+                : launch_moe_groups<FMT, false, GATEUP>(p, rq, gz, stream, launched);
+  return bf16 ? launch_moe_groups<FMT, true, DOWN>(p, rq, gz, stream, launched)
+              : launch_moe_groups<FMT, false, DOWN>(p, rq, gz, stream, launched);
+}
+
 // The same for one of the grouped MoE steps (mode GATEUP or DOWN; p as the step's entry point fills it,
 // gz its blocks along z: (token, slot) pairs for gate_up, tokens for down), in the block shapes
 // CIUIC_STAGE_GEMV_1X3 and CIUIC_STAGE_GEMV_1X7 (for gate_up an output row tile is a gate tile and
-// its up tile: 2 x S warps), for groups of 128 or 256 inputs. Anything else: *launched is false.
+// its up tile: 2 x S warps), for groups a body holds (int4: 128 or 256 inputs; int8: 128; fp8: its
+// blocks). Anything else: *launched is false.
 cudaError_t launch_gemv_moe_int4(bool bf16, int mode, Params p, const SplitRequest &rq, int gz, cudaStream_t stream,
                                  bool *launched);
+cudaError_t launch_gemv_moe_int8(bool bf16, int mode, Params p, const SplitRequest &rq, int gz, cudaStream_t stream,
+                                 bool *launched);
+cudaError_t launch_gemv_moe_fp8(bool bf16, int mode, Params p, const SplitRequest &rq, int gz, cudaStream_t stream,
+                                bool *launched);
 
 }  // namespace ciuic

@@ -72,8 +72,8 @@ STAGE_GEMV_RS = {(1, 3): 4, (1, 7): 5, (3, 3): 6, (2, 7): 7}
 STAGE_PIPE = 8
 STAGE_NAMES = ("auto", "whole", "chunk", "gemv", "gemv-1x3", "gemv-1x7", "gemv-3x3", "gemv-2x7", "pipe")
 GEMV_STAGINGS = (STAGE_GEMV, *STAGE_GEMV_RS.values())
-# the block shapes the grouped MoE steps take on the GEMV (int4, groups of 128 or 256 inputs; for gate_up
-# an output row tile is a gate tile and its up tile)
+# the block shapes the grouped MoE steps take on the GEMV (groups a body holds: int4 128 or 256 inputs,
+# int8 128, fp8 its blocks; for gate_up an output row tile is a gate tile and its up tile)
 MOE_GEMV_STAGINGS = (STAGE_GEMV_RS[(1, 3)], STAGE_GEMV_RS[(1, 7)])
 TUNE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)   # split-K counts tried per launch shape (with each staging)
 TUNE_BLOCK_SPLITS = (1, 2, 3, 4)          # splits across blocks tried for the gemv-<R>x<S> stagings
@@ -391,6 +391,14 @@ def _group_ok(group) -> bool:
     return t & (t - 1) == 0
 
 
+def _moe_gemv_groups(w) -> bool:
+    """Whether the GEMV's MoE modes take this expert weight's groups (a body's compile-time groups:
+    int4 of 128 or 256 inputs, int8 of 128, fp8's 128 x 128 blocks)."""
+    if w.fmt == FMT_FP8:
+        return True
+    return w.group in ((128, 256) if w.fmt == FMT_INT4 else (128,))
+
+
 def _ptr(ffi, t: torch.Tensor | None, ctype: str = "void *"):
     return ffi.NULL if t is None else ffi.cast(ctype, t.data_ptr())
 
@@ -609,9 +617,8 @@ class CudaBackend:
 
         shape = (x.device.index, g0.fmt, DT[x.dtype], hidden, inter, g0.group, g0.zeros is None,
                  _m_bucket(tokens), top_k)
-        # int4 in groups of 128 or 256 inputs: the GEMV's MoE modes are candidates too
-        cands = (STAGE_CHUNK, STAGE_WHOLE, *MOE_GEMV_STAGINGS) \
-            if g0.fmt == FMT_INT4 and g0.group in (128, 256) and d0.group in (128, 256) else None
+        # groups the GEMV's body holds: its MoE modes are candidates too
+        cands = (STAGE_CHUNK, STAGE_WHOLE, *MOE_GEMV_STAGINGS) if _moe_gemv_groups(g0) and _moe_gemv_groups(d0) else None
         launches = [
             ("gate_up", gate_up_launch, ("moe_gate_up",) + shape, cands,
              f"ciuic_moe_gate_up ({g0.label()}, {tokens} tokens x {top_k})"),

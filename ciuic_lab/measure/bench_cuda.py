@@ -24,8 +24,9 @@ floor of every row; the figure ``*_isolated_ceiling_pct_copy_bw`` is what a kern
 isolated if it read its bytes at exactly the copy bandwidth from its first instant to its last and
 cost nothing beyond that empty launch.
 
-``moe_rows`` time the two grouped MoE launches for one decode token (int4 g128 experts; the decode
-benchmark's experts and DeepSeek-V3's, the shared expert as one more slot), each against the same
+``moe_rows`` time the two grouped MoE launches for one decode token (int4 g128 experts, and fp8
+e4m3 ones, DeepSeek-V3's own format; the decode benchmark's experts and DeepSeek-V3's, the shared
+expert as one more slot), each against the same
 selected experts' bf16 products through cuBLAS (one ``F.linear`` per slot, nothing else), with the
 ids rotating over enough experts that every launch reads its weights from device memory. The MoE
 output is checked against the fp64 reference first.
@@ -342,8 +343,10 @@ def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
                   + ("; chained_*: back to back in one CUDA graph, median replay / calls" if chained else ""),
         "rows": rows,
     }
-    if moe and "int4" in formats:
-        out["moe_rows"] = bench_moe_cuda(backend, copy_gbs, l2, gen, quick=quick, reps=reps, chained=chained)
+    moe_formats = tuple(f for f in ("int4", "fp8") if f in formats)
+    if moe and moe_formats:
+        out["moe_rows"] = bench_moe_cuda(backend, copy_gbs, l2, gen, quick=quick, reps=reps, chained=chained,
+                                         formats=moe_formats)
     if fit_ks and "int4" in formats:
         out["launch_fit"] = launch_fit(backend, fit_ks, 18432, copy_gbs, l2, gen, reps=min(reps, 100))
     if tg_error:
@@ -356,8 +359,8 @@ def bench_kernels_cuda(shapes=None, batches=(1, 4, 16), quick: bool = False,
         out["empty_launch_us"]["chained"] = time_chain(empty)
     out["figures"] = _figures(rows, copy_gbs, out["empty_launch_us"]["isolated"])
     for r in out.get("moe_rows", ()):
-        if r["kernel"] == "ciuic_int4":
-            key = f"moe_{r['experts']}_{r['step']}"
+        if r["kernel"] != "cublas_bf16":
+            key = f"moe_{r['experts']}_{r['step']}" + ("" if r["kernel"] == "ciuic_int4" else f"_{r['kernel'][6:]}")
             out["figures"][f"{key}_pct_copy_bw"] = r["pct_copy_bw"]
             out["figures"][f"{key}_vs_cublas"] = r.get("speedup_vs_cublas")
     return out
@@ -371,12 +374,12 @@ MOE_SHAPES = (
 
 
 def bench_moe_cuda(backend, copy_gbs: float, l2: int, gen: torch.Generator, quick: bool = False,
-                   reps: int = 200, chained: bool = True, shapes=MOE_SHAPES) -> list[dict[str, Any]]:
+                   reps: int = 200, chained: bool = True, shapes=MOE_SHAPES, formats=("int4",)) -> list[dict[str, Any]]:
     """The grouped MoE launches for one token (see the module's docstring): per expert shape and step
-    (gate_up, down), ``ciuic_int4`` (the backend's own plan for the launch) and ``cublas_bf16`` (one
-    ``F.linear`` per selected expert), with bytes, GB/s and the share of the copy bandwidth."""
+    (gate_up, down), ``cublas_bf16`` (one ``F.linear`` per selected expert) and ``ciuic_<format>`` for
+    each of ``formats`` (the backend's own plan for the launch; the same ids, weights and x), with
+    bytes, GB/s and the share of the copy bandwidth."""
     dev = gen.device
-    spec = SPECS["int4"]
     rows: list[dict[str, Any]] = []
     for name, hidden, inter, slots, n_full in shapes:
         n_exp = n_full[1] if quick else n_full[0]
@@ -386,51 +389,61 @@ def bench_moe_cuda(backend, copy_gbs: float, l2: int, gen: torch.Generator, quic
                 for _ in range(n_exp)]
         dn16 = [(torch.randn(hidden, inter, device=dev, generator=gen) * 0.02).to(torch.bfloat16)
                 for _ in range(n_exp)]
-        gq, dq = [quantize(w, spec) for w in gu16], [quantize(w, spec) for w in dn16]
-        gu, dn = [backend.prepare(q, "auto") for q in gq], [backend.prepare(q, "auto") for q in dq]
         pick = torch.Generator(device="cpu")
         pick.manual_seed(n_exp)
-        sets = []
+        inputs = []
         for _ in range(16):
             ids = torch.randperm(n_exp, generator=pick)[:slots].view(1, slots).to(dev)
             w = torch.rand(1, slots, device=dev, generator=gen)
             x = torch.randn(1, hidden, device=dev, generator=gen).to(torch.bfloat16)
-            sets.append((ids, w, x, backend.moe_steps(x, ids, w, gu, dn)))
-        ids, w, x, _ = sets[0]
-        y = backend.moe(x, ids, w, gu, dn)
-        err = _rel_err(y, moe_reference(x, ids, w, gq, dq, torch.bfloat16))
-        if not err < 1e-2:
-            raise CiuicError(f"moe {name}: relative error {err:.3g} against the reference; refusing to time it")
-        for _, _, _, st in sets:  # every set's h written once (the down step's input)
-            for _, launch, *_ in st.launches:
-                launch(0, 0)
+            inputs.append((ids, w, x))
+        ours = {}
+        for f in formats:
+            gq, dq = [quantize(w, SPECS[f]) for w in gu16], [quantize(w, SPECS[f]) for w in dn16]
+            gu, dn = [backend.prepare(q, "auto") for q in gq], [backend.prepare(q, "auto") for q in dq]
+            sets = [backend.moe_steps(x, ids, w, gu, dn) for ids, w, x in inputs]
+            ids, w, x = inputs[0]
+            y = backend.moe(x, ids, w, gu, dn)
+            err = _rel_err(y, moe_reference(x, ids, w, gq, dq, torch.bfloat16))
+            if not err < 1e-2:
+                raise CiuicError(f"moe {name} {f}: relative error {err:.3g} against the reference; refusing to time it")
+            for st in sets:  # every set's h written once (the down step's input)
+                for _, launch, *_ in st.launches:
+                    launch(0, 0)
+            ours[f] = (gu[0].nbytes, dn[0].nbytes, sets, err, (gu, dn))  # (the launches point into gu, dn)
+            del gq, dq
+        first = ours[formats[0]][2]
         for k, step in enumerate(("gate_up", "down")):
-            ours = []
-            for _, _, _, st in sets:
-                _, launch, key, cands, _ = st.launches[k]
-                plan = backend._choice(key, launch, dev, cands)
-                ours.append(lambda launch=launch, plan=plan: launch(*plan))
             # the selected experts' bf16 weights, listed on the host (no copy back inside a graph capture)
             if step == "gate_up":
                 dense = [lambda x=x, ws=[gu16[e] for e in ids[0].tolist()]: [F.linear(x, wi) for wi in ws]
-                         for ids, _, x, _ in sets]
-                nb16, nb4 = 2 * inter * hidden * 2, gu[0].nbytes
+                         for ids, _, x in inputs]
+                nb16 = 2 * inter * hidden * 2
             else:
                 dense = [lambda h=st.h, ws=[dn16[e] for e in ids[0].tolist()]:
-                         [F.linear(h[j:j + 1], wi) for j, wi in enumerate(ws)] for ids, _, _, st in sets]
-                nb16, nb4 = hidden * inter * 2, dn[0].nbytes
+                         [F.linear(h[j:j + 1], wi) for j, wi in enumerate(ws)] for (ids, _, _), st in zip(inputs, first)]
+                nb16 = hidden * inter * 2
             base = {"experts": name, "hidden": hidden, "inter": inter, "slots": slots, "step": step}
             cb = {**base, "kernel": "cublas_bf16", **_timed_row(dense, slots * nb16, copy_gbs, reps, chained)}
-            row = {**base, "kernel": "ciuic_int4", **_timed_row(ours, slots * nb4, copy_gbs, reps, chained),
-                   "rel_err": err}
-            row["speedup_vs_cublas"] = cb["us"] / row["us"]
-            if chained:
-                row["chained_speedup_vs_cublas"] = cb["chained_us"] / row["chained_us"]
-            tuned = backend.tuned.get(sets[0][3].launches[k][2])
-            if tuned:
-                row["config"] = {"splits": tuned[0], "staging": STAGE_NAMES[tuned[1]]}
-            rows += [cb, row]
-        del gu16, dn16, gq, dq, gu, dn, sets
+            rows.append(cb)
+            for f in formats:
+                nb_gu, nb_dn, sets, err, _ = ours[f]
+                fns = []
+                for st in sets:
+                    _, launch, key, cands, _ = st.launches[k]
+                    plan = backend._choice(key, launch, dev, cands)
+                    fns.append(lambda launch=launch, plan=plan: launch(*plan))
+                nb = nb_gu if step == "gate_up" else nb_dn
+                row = {**base, "kernel": f"ciuic_{f}", **_timed_row(fns, slots * nb, copy_gbs, reps, chained),
+                       "rel_err": err}
+                row["speedup_vs_cublas"] = cb["us"] / row["us"]
+                if chained:
+                    row["chained_speedup_vs_cublas"] = cb["chained_us"] / row["chained_us"]
+                tuned = backend.tuned.get(sets[0].launches[k][2])
+                if tuned:
+                    row["config"] = {"splits": tuned[0], "staging": STAGE_NAMES[tuned[1]]}
+                rows.append(row)
+        del gu16, dn16, inputs, ours, first
         torch.cuda.empty_cache()
     return rows
 

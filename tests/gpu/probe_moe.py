@@ -1,7 +1,8 @@
 """Probe: the two grouped MoE launches, one decode token, every plan (wgemm's and the GEMV's), on
 cold weights (the ids rotate over many experts, so each launch reads its experts from DRAM).
 
-    python3 tests/gpu/probe_moe.py            # the decode benchmark's MoE and DeepSeek-V3's
+    python3 tests/gpu/probe_moe.py            # the decode benchmark's MoE and DeepSeek-V3's, int4 g128
+    python3 tests/gpu/probe_moe.py fp8        # the same with fp8 e4m3 experts (int8: int8 g128)
 Prints, per step and plan, the median device time, GB/s over the experts' bytes (codes, scales, zero
 points) and the percentage of the copy bandwidth measured in the same run.
 """
@@ -22,11 +23,18 @@ SHAPES = {  # name: (hidden, inter, experts, slots per token: top_k + the shared
 }
 
 
-def main() -> int:
+SPECS = {
+    "int4": QuantSpec(bits=4, scheme="asym", group=128),
+    "int8": QuantSpec(bits=8, scheme="asym", group=128),
+    "fp8": QuantSpec(bits=8, format="fp8_e4m3", group=128, scheme="sym"),
+}
+
+
+def main(fmt: str) -> int:
     dev = torch.device("cuda")
-    spec = QuantSpec(bits=4, scheme="asym", group=128)
+    spec = SPECS[fmt]
     copy = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s")
+    print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s, {fmt} experts")
     gen = torch.Generator(device=dev)
     gen.manual_seed(0)
     r = random.Random(0)
@@ -45,7 +53,7 @@ def main() -> int:
             x = torch.randn(1, hidden, device=dev).to(torch.bfloat16)
             sets.append(CUDA.moe_steps(x, ids, w, gu, dn))
         # correctness of every plan against the default plan's output first
-        plans = [(0, STAGE_AUTO)] + [(s, st) for st in (STAGE_CHUNK, STAGE_WHOLE) for s in tune_splits(st)] + \
+        plans = [(0, STAGE_AUTO)] + [(s, st) for st in (STAGE_CHUNK, STAGE_WHOLE) for s in (0, *tune_splits(st))] + \
             [(s, st) for st in (4, 5) for s in (0, *tune_splits(st))]
         ref = []
         for st in sets[:2]:
@@ -72,7 +80,10 @@ def main() -> int:
                 gbs = step_bytes[step] / (t * 1e-6) / 1e9
                 print(f"  {step:>7} splits={s} {STAGE_NAMES[stg]:>9}: {t:6.1f} us  {gbs:5.0f} GB/s  {100 * gbs / copy:5.1f}%")
             auto = [t for t, p in rows if p == (0, STAGE_AUTO)][0]
-            print(f"  {step:>7} launcher's own plan (auto): {auto:.1f} us")
+            wg = min((t, p) for t, p in rows if p[1] in (STAGE_CHUNK, STAGE_WHOLE))
+            gv = min((t, p) for t, p in rows if p[1] in (4, 5))
+            print(f"  {step:>7} launcher's own plan (auto): {auto:.1f} us; best wgemm {wg[0]:.1f} us "
+                  f"{STAGE_NAMES[wg[1][1]]}/{wg[1][0]}; best GEMV {gv[0]:.1f} us {STAGE_NAMES[gv[1][1]]}/{gv[1][0]}")
         del gu, dn, sets
         torch.cuda.empty_cache()
     print(f"\nprobe_moe: {fails} mismatches")
@@ -80,4 +91,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "int4"))

@@ -28,7 +28,7 @@ SPECS = [
 PLANS = ((0, 0), (2, 2), (0, 1), (3, 1))  # (splits, staging): launcher's own, chunked, whole
 GEMV_PLANS = ((0, 3), (3, 3), (0, 4), (2, 5), (0, 6), (2, 7))  # the GEMV (batches of 1 to 8 rows; every format)
 PIPE_PLANS = ((0, 8), (3, 8))  # int4 only: the pipelined kernel (any batch)
-MOE_GEMV_PLANS = ((0, 4), (3, 4), (0, 5), (2, 5))  # int4 only: the MoE steps on the GEMV (g128; channel falls back)
+MOE_GEMV_PLANS = ((0, 4), (3, 4), (0, 5), (2, 5))  # the MoE steps on the GEMV (int4 g128, fp8; the others fall back)
 
 
 def rel(y, ref):
@@ -66,7 +66,7 @@ def main(quick: bool) -> int:
         gq = [quantize(torch.randn(2 * inter, hidden, device=dev) * 0.05, spec) for _ in range(n_exp)]
         dq = [quantize(torch.randn(hidden, inter, device=dev) * 0.05, spec) for _ in range(n_exp)]
         gu, dn = [CUDA.prepare(q) for q in gq], [CUDA.prepare(q) for q in dq]
-        for splits, staging in PLANS + (MOE_GEMV_PLANS if spec.bits == 4 and not spec.is_fp8 else ()):
+        for splits, staging in PLANS + MOE_GEMV_PLANS:
             CUDA.splits, CUDA.staging = splits, staging
             for dtype in dtypes:
                 x = torch.randn(2, hidden, device=dev).to(dtype)

@@ -379,13 +379,13 @@ def test_moe_grouped(name, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("name", ["int4-asym-g128", "int4-asym-g256", "int4-sym-g128"])
+@pytest.mark.parametrize("name", ["int4-asym-g128", "int4-asym-g256", "int4-sym-g128", "int8-asym-g128", "fp8"])
 def test_moe_on_the_gemv_every_shape_and_split(name, dtype):
-    """The grouped MoE steps on the int4 GEMV (gemv-1x3, gemv-1x7; gate and up tiles paired in a block,
-    the down step's slots as one K range): against the float64 reference on fresh random shapes (hidden
-    not a multiple of the tile, an intermediate size whose tiles do not fill a body, up to 9 slots, a
-    slot routed nowhere), every split across blocks, and bit for bit the same on a second run."""
-    spec = QuantSpec(bits=4, scheme=name.split("-")[1], group=int(name.split("-g")[1]))
+    """The grouped MoE steps on the GEMV (gemv-1x3, gemv-1x7; gate and up tiles paired in a block, the
+    down step's slots as one K range), int4, int8 and fp8: against the float64 reference on fresh random
+    shapes (hidden not a multiple of the tile, an intermediate size whose tiles do not fill a body, up to
+    9 slots, a slot routed nowhere), every split across blocks, and bit for bit the same on a second run."""
+    spec = SPECS.get(name) or QuantSpec(bits=4, scheme=name.split("-")[1], group=int(name.split("-g")[1]))
     r = rng_for(f"moe-gemv-{name}-{dtype}")
     gen = torch.Generator(device=DEV)
     gen.manual_seed(r.randrange(1 << 30))
@@ -416,11 +416,12 @@ def test_moe_on_the_gemv_every_shape_and_split(name, dtype):
 
 
 @pytest.mark.parametrize("staging", [4, 5], ids=["gemv-1x3", "gemv-1x7"])
-def test_moe_runs_on_the_gemv_when_asked(staging):
-    """Both MoE steps launch the GEMV's kernel (not wgemm) for int4 g128 when its block shape is asked for."""
+@pytest.mark.parametrize("name", ["int4-asym-g128", "int8-asym-g128", "fp8"])
+def test_moe_runs_on_the_gemv_when_asked(name, staging):
+    """Both MoE steps launch the GEMV's kernel (not wgemm) when its block shape is asked for."""
     gen = torch.Generator(device=DEV)
     gen.manual_seed(SEED)
-    _, _, gu, dn = _random_experts(4, 1024, 256, SPECS["int4-asym-g128"], gen)
+    _, _, gu, dn = _random_experts(4, 1024, 256, SPECS[name], gen)
     x = torch.randn(1, 1024, device=DEV).to(torch.bfloat16)
     ids = torch.tensor([[2, 0, 3]], device=DEV)
     w = torch.rand(1, 3, device=DEV)
@@ -454,10 +455,11 @@ def test_moe_steps_replay_from_a_graph_and_the_moe_benchmark_runs():
     torch.cuda.synchronize()
     check(steps.y, moe_reference(x, ids, wts, gu_q, dn_q, torch.bfloat16), torch.bfloat16, "moe steps from a graph")
     rows = bench_moe_cuda(CUDA, copy_bandwidth(1 << 26, reps=3), torch.cuda.get_device_properties(DEV).L2_cache_size,
-                          gen, reps=10, shapes=(("small", 512, 256, 3, (6, 6)),))
-    assert [(q["step"], q["kernel"]) for q in rows] == [("gate_up", "cublas_bf16"), ("gate_up", "ciuic_int4"),
-                                                        ("down", "cublas_bf16"), ("down", "ciuic_int4")]
-    assert all(q["us"] > 0 and q["chained_us"] > 0 for q in rows) and rows[1]["rel_err"] < 1e-2
+                          gen, reps=10, shapes=(("small", 512, 256, 3, (6, 6)),), formats=("int4", "fp8"))
+    assert [(q["step"], q["kernel"]) for q in rows] == [(s, k) for s in ("gate_up", "down")
+                                                        for k in ("cublas_bf16", "ciuic_int4", "ciuic_fp8")]
+    assert all(q["us"] > 0 and q["chained_us"] > 0 for q in rows)
+    assert rows[1]["rel_err"] < 1e-2 and rows[2]["rel_err"] < 1e-2
 
 
 def test_moe_declines_what_it_does_not_take():
