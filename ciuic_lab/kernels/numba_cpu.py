@@ -970,10 +970,8 @@ def set_threads(n: int | None) -> int:
 
 
 # ------------------------------------------------------------------------------ the backend
-_BF16_GEMM: bool | None = None
-
-
 BF16_GEMM_MACS = 1 << 23  # below this many multiply-adds, oneDNN's bf16 GEMM cost more than fp32's
+_BF16_GEMM: bool | None = None  # whether oneDNN has a bf16 GEMM here (asked once)
 
 
 def gemm_dtype(dtype: torch.dtype, macs: int | None = None) -> torch.dtype:
