@@ -22,7 +22,7 @@ import statistics
 import time
 import warnings
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -152,37 +152,50 @@ def bench_model(model: torch.nn.Module, name: str, recipe: Any = None, new_token
     return rows
 
 
+def _each_model(model: str | None, quick: bool, large: bool, dtype: str,
+                run: Callable[[torch.nn.Module, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``run(module, name)``'s rows for the embedded model (or ``model``) and, when ``large``, the ~1 B
+    DeepSeek-architecture one (the small one when ``quick``), each loaded in ``dtype`` and let go after."""
+    from ..models import _resolve_dtype, load
+
+    rows: list[dict[str, Any]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load(model or "tiny-deepseek", dtype=dtype)
+    rows += run(loaded.model, loaded.name)
+    del loaded
+    gc.collect()
+    if large:
+        big = build_large(QUICK_CONFIG if quick else LARGE_CONFIG).to(_resolve_dtype(dtype))
+        name = "deepseek-v3-arch random " + (f"{n_params(big) / 1e6:.0f}M" if quick else
+                                             f"{n_params(big) / 1e9:.2f}B")
+        rows += run(big, name)
+        del big
+        gc.collect()
+    return rows
+
+
+def _cpu_info() -> dict[str, Any]:
+    from ..kernels import compat
+
+    info = compat.report()
+    return {"device": "cpu", "cpu": info["cpu"]["model"], "usable_cpus": info["cpu"]["usable"],
+            "torch_threads": torch.get_num_threads()}
+
+
 def bench_decode(model: str | None = None, quick: bool = False, recipe: Any = None,
                  new_tokens: int | None = None, rounds: int | None = None, large: bool = True,
                  layout: str | None = None) -> dict[str, Any]:
     """Decode tokens/s for the embedded model and a ~1 B DeepSeek-architecture model; JSON-able."""
-    from ..kernels import compat
-    from ..models import load
     from ..recipe import load as load_recipe
 
     recipe = load_recipe(DECODE_RECIPE if recipe is None else recipe)  # a bad recipe fails before any timing
     new_tokens = new_tokens or (6 if quick else 32)
     rounds = rounds or (1 if quick else 3)
-    rows: list[dict[str, Any]] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = load(model or "tiny-deepseek", dtype="fp32")
-    rows += bench_model(loaded.model, loaded.name, recipe, new_tokens, rounds, layout=layout)
-    del loaded
-    gc.collect()
-    if large:
-        big = build_large(QUICK_CONFIG if quick else LARGE_CONFIG)
-        name = "deepseek-v3-arch random " + (f"{n_params(big) / 1e6:.0f}M" if quick else
-                                             f"{n_params(big) / 1e9:.2f}B")
-        rows += bench_model(big, name, recipe, new_tokens, rounds, layout=layout)
-        del big
-        gc.collect()
-    info = compat.report()
+    rows = _each_model(model, quick, large, "fp32",
+                       lambda m, name: bench_model(m, name, recipe, new_tokens, rounds, layout=layout))
     return {
-        "device": "cpu",
-        "cpu": info["cpu"]["model"],
-        "usable_cpus": info["cpu"]["usable"],
-        "torch_threads": torch.get_num_threads(),
+        **_cpu_info(),
         "recipe": recipe.name,
         "new_tokens": new_tokens,
         "rounds": rounds,
@@ -191,33 +204,23 @@ def bench_decode(model: str | None = None, quick: bool = False, recipe: Any = No
     }
 
 
-@torch.inference_mode()
-def _prefill_ms(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
-    model(input_ids=ids, use_cache=False)  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
 def prefill_model(model: torch.nn.Module, name: str, recipe: Any, tokens: int, repeats: int) -> dict[str, Any]:
     """One prompt of ``tokens`` tokens through ``model`` as it is, with the plan, and as it is again
     (the two as-loaded times bracket the plan's, in the same run); the model is left as it came."""
     from ..plan import resolve
     from ..sites import sites
     from ..transforms import apply, revert
+    from .snapshot import time_prefill
 
     gen = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=gen)
-    before = _prefill_ms(model, ids, repeats)
+    ids = torch.randint(0, model.config.vocab_size, (tokens,), generator=gen)
+    before = time_prefill(model, ids, repeats)
     apply(model, resolve(recipe, sites(model)))
     try:
-        plan = _prefill_ms(model, ids, repeats)
+        plan = time_prefill(model, ids, repeats)
     finally:
         revert(model)
-    again = _prefill_ms(model, ids, repeats)
+    again = time_prefill(model, ids, repeats)
     ref = (before + again) / 2
     return {"model": name, "params_m": round(n_params(model) / 1e6, 1),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -229,33 +232,15 @@ def bench_prefill(model: str | None = None, quick: bool = False, recipe: Any = N
                   tokens: int | None = None, repeats: int | None = None, large: bool = True) -> dict[str, Any]:
     """Prefill time of one prompt, a plan against the model as loaded (``dtype``: fp32 by default, bf16
     to see the bf16 GEMM path), for the embedded model and the ~1 B DeepSeek-architecture one."""
-    from ..kernels import compat
-    from ..models import _resolve_dtype, load
     from ..recipe import load as load_recipe
 
     rec = load_recipe(DECODE_RECIPE if recipe is None else recipe)  # a bad recipe fails before any timing
-    dt = _resolve_dtype(dtype or "fp32")
     tokens = tokens or (64 if quick else 256)
     repeats = repeats or (1 if quick else 3)
-    rows = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = load(model or "tiny-deepseek", dtype=dt)
-    rows.append(prefill_model(loaded.model, loaded.name, rec, tokens, repeats))
-    del loaded
-    gc.collect()
-    if large:
-        big = build_large(QUICK_CONFIG if quick else LARGE_CONFIG).to(dt)
-        name = "deepseek-v3-arch random " + (f"{n_params(big) / 1e6:.0f}M" if quick else f"{n_params(big) / 1e9:.2f}B")
-        rows.append(prefill_model(big, name, rec, tokens, repeats))
-        del big
-        gc.collect()
-    info = compat.report()
+    rows = _each_model(model, quick, large, dtype or "fp32",
+                       lambda m, name: [prefill_model(m, name, rec, tokens, repeats)])
     return {
-        "device": "cpu",
-        "cpu": info["cpu"]["model"],
-        "usable_cpus": info["cpu"]["usable"],
-        "torch_threads": torch.get_num_threads(),
+        **_cpu_info(),
         "recipe": rec.name,
         "tokens": tokens,
         "repeats": repeats,
