@@ -1046,10 +1046,7 @@ class NumbaCPU:
                               f"on {bias.device}")
         dtype = x.dtype
         if x.shape[0] > MAX_GEMM_ROWS:  # prefill: the dense weight through torch's GEMM
-            gd = gemm_dtype(dtype, x.shape[0] * prepared.n * prepared.k)
-            xg = x if dtype == gd else x.to(gd)
-            y = torch.nn.functional.linear(xg, prepared.dequantize(gd), None if bias is None else bias.to(gd))
-            return y if dtype == gd else y.to(dtype)
+            return self._dense(x, prepared, dtype, bias).to(dtype)
         x32 = x if dtype == torch.float32 else x.to(torch.float32)  # (contiguous, as x is)
         y = self._run(x32, prepared)
         if bias is not None:
@@ -1131,12 +1128,17 @@ class NumbaCPU:
     def _product(self, x: torch.Tensor, pw: NumbaPrepared, act: torch.dtype, gd: torch.dtype) -> torch.Tensor:
         """``x @ W.T`` for one expert's segment ``x`` (in ``gd``, checked by the caller), returned in
         ``gd``; ``act``: the layer's activation dtype."""
-        m = x.shape[0]
-        if m > MAX_GEMM_ROWS:
-            g = gemm_dtype(act, m * pw.n * pw.k)
-            return torch.nn.functional.linear(x.to(g), pw.dequantize(g)).to(gd)
+        if x.shape[0] > MAX_GEMM_ROWS:
+            return self._dense(x, pw, act).to(gd)
         y = self._run(x.to(torch.float32).contiguous(), pw)
         return y if gd == torch.float32 else y.to(gd)
+
+    @staticmethod
+    def _dense(x: torch.Tensor, pw: NumbaPrepared, act: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The prefill product: the weight dequantized for torch's GEMM, in :func:`gemm_dtype` for
+        activations of ``act`` (the result stays in that dtype)."""
+        g = gemm_dtype(act, x.shape[0] * pw.n * pw.k)
+        return torch.nn.functional.linear(x.to(g), pw.dequantize(g), None if bias is None else bias.to(g))
 
     def _bank(self, gate_up, down):
         key = tuple(id(p) for p in gate_up) + (None,) + tuple(id(p) for p in down)
