@@ -605,16 +605,22 @@ def _dequant_il_row(blkc, s, b, ib, r, orow, k, rows, bits, lanes, p, cb, gs, wb
                         orow[kk] = np.float32((words[lane] >> (t * bits)) & mask) * sv + bv
 
 
+@njit(inline="always")
+def _dequant_any_row(codes, s, b, n_, orow, kind, rows, bits, lanes, p, cb, gs, wb):
+    """Row ``n_`` of the weight, in any layout, into fp32 ``orow``."""
+    k = orow.shape[0]
+    if kind == 0:
+        _dequant_row(codes[n_], s[n_], b[n_], orow, k, bits, gs)
+    else:
+        _dequant_il_row(codes[n_ // rows], s, b, n_ // rows, n_ % rows, orow, k, rows, bits, lanes, p, cb,
+                        gs, wb, np.empty(lanes, np.int64))
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _dequant(codes, s, b, out, kind, rows, bits, lanes, p, cb, gs, wb):
     """Dense fp32 weight ``out[N, K]`` from any layout (the prefill path)."""
-    n, k = out.shape
-    for n_ in prange(n):
-        if kind == 0:
-            _dequant_row(codes[n_], s[n_], b[n_], out[n_], k, bits, gs)
-        else:
-            _dequant_il_row(codes[n_ // rows], s, b, n_ // rows, n_ % rows, out[n_], k, rows, bits, lanes, p, cb,
-                            gs, wb, np.empty(lanes, np.int64))
+    for n_ in prange(out.shape[0]):
+        _dequant_any_row(codes, s, b, n_, out[n_], kind, rows, bits, lanes, p, cb, gs, wb)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -625,11 +631,7 @@ def _dequant_bf16(codes, s, b, out, kind, rows, bits, lanes, p, cb, gs, wb):
     n, k = out.shape
     for n_ in prange(n):
         tmp = np.empty(k, np.float32)
-        if kind == 0:
-            _dequant_row(codes[n_], s[n_], b[n_], tmp, k, bits, gs)
-        else:
-            _dequant_il_row(codes[n_ // rows], s, b, n_ // rows, n_ % rows, tmp, k, rows, bits, lanes, p, cb,
-                            gs, wb, np.empty(lanes, np.int64))
+        _dequant_any_row(codes, s, b, n_, tmp, kind, rows, bits, lanes, p, cb, gs, wb)
         u = tmp.view(np.uint32)
         o = out[n_]
         for i in range(k):
